@@ -1,0 +1,75 @@
+"""Configuration of the three bootstrap stages (queries, answers, self-verification)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from prism_lightning.backbone import BackboneConfig
+from prism_lightning.generation import DecodingConfig
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """Stage 1: queries written by the base model for each persona.
+
+    Args:
+        per_persona: queries kept per persona (paper: 50).
+        oversample: candidates generated per kept query in a round (parsing and dedup drop some).
+        max_rounds: rounds of extra candidates when a persona is still short.
+        min_chars: shortest query kept.
+        max_chars: longest query kept.
+        min_words: fewest words in a kept query.
+        near_duplicate: word-set Jaccard at or above which two queries count as duplicates.
+        decoding: sampling parameters for query generation.
+    """
+
+    per_persona: int = 50
+    oversample: float = 1.5
+    max_rounds: int = 3
+    min_chars: int = 20
+    max_chars: int = 400
+    min_words: int = 4
+    near_duplicate: float = 0.7
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
+        temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=96, seed=1))
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    """Stage 2: a baseline answer (no persona) and persona answers per query.
+
+    Args:
+        mode: ``matched`` answers with the persona that wrote the query (default); ``best_of_k`` with every
+            persona, and the best-judged one becomes the distillation target.
+        decoding: decoding parameters for answers.
+    """
+
+    mode: Literal["matched", "best_of_k"] = "matched"
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
+        temperature=0.7, top_p=1.0, top_k=0, max_new_tokens=256, seed=2))
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Stage 3: self-verification of persona answer vs baseline answer.
+
+    Args:
+        protocol: ``strict`` (paper: the persona wins in both orders), ``debiased`` (mean of the two orders'
+            A/B log-prob margins, which cancels a constant position bias, must exceed ``margin``) or
+            ``pointwise`` (expected 1–10 score from log-probs; persona score − baseline score > ``margin``).
+        margin: decision threshold for ``debiased`` (nats) and ``pointwise`` (score points).
+        model: a separate judge model; unset = the base model judges itself.
+        max_answer_tokens: each answer is cut to this many tokens before judging.
+        control_pairs: control pairs (own answer vs another query's answer) that measure the judge.
+        min_choice_mass: below this probability on the choice tokens a verdict counts as unparseable.
+        batch_size: judge prompts per forward pass.
+    """
+
+    protocol: Literal["strict", "debiased", "pointwise"] = "debiased"
+    margin: float = 0.0
+    model: Optional[BackboneConfig] = None
+    max_answer_tokens: int = 256
+    control_pairs: int = 48
+    min_choice_mass: float = 0.05
+    batch_size: int = 8

@@ -1,0 +1,184 @@
+"""Run stages 1–3 into a corpus directory: content-addressed stage files, resumable, with a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone
+from prism_lightning.bootstrap.answers import BASELINE, answer_personas, run_answers
+from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+from prism_lightning.bootstrap.judge import Judge
+from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
+from prism_lightning.bootstrap.queries import run_queries
+from prism_lightning.chat import ChatFormatter, Placement
+from prism_lightning.errors import PrismError
+from prism_lightning.jsonl import JsonlSink, read_jsonl, write_json, write_jsonl
+from prism_lightning.personas import PersonaConfig, PersonaRegistry
+
+FORMAT_VERSION = 1
+
+
+def stable_hash(*parts: Any) -> str:
+    """Short sha256 of JSON-serialised parts (dataclasses included), stable across runs."""
+    def plain(obj: Any) -> Any:
+        return asdict(obj) if is_dataclass(obj) else obj
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Corpus:
+    """A finished corpus: labelled items and the manifest that describes them."""
+
+    directory: Path
+    items: list[dict]
+    manifest: dict
+
+    @property
+    def distill(self) -> list[dict]:
+        """Items whose persona answer won (gate label 1)."""
+        return [i for i in self.items if i["label"] == 1]
+
+    @property
+    def retain(self) -> list[dict]:
+        """Items whose baseline answer stands (gate label 0)."""
+        return [i for i in self.items if i["label"] == 0]
+
+
+def load_corpus(directory: Path) -> Corpus:
+    """Read ``corpus.jsonl`` and ``manifest.json`` from a corpus directory."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise PrismError(f"{manifest_path}: corpus manifest not found; run `prism bootstrap` first")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{manifest_path}:{exc.lineno}: malformed manifest ({exc.msg})") from None
+    items = read_jsonl(directory / "corpus.jsonl")
+    for number, item in enumerate(items, start=1):
+        missing = {"id", "query", "label", "target_persona", "persona_answer", "baseline_answer"} - set(item)
+        if missing:
+            raise PrismError(f"{directory / 'corpus.jsonl'}:{number}: malformed corpus line "
+                             f"(missing {', '.join(sorted(missing))})")
+    return Corpus(directory, items, manifest)
+
+
+def check_both_classes(corpus: Corpus, judge: JudgeConfig) -> None:
+    """Fail with the knob to turn when the corpus lacks distill or retain items."""
+    n = len(corpus.items)
+    if corpus.distill and corpus.retain:
+        return
+    empty = "distill (label 1)" if not corpus.distill else "retain (label 0)"
+    hint = {"strict": "the persona must win both orders; try data.judge.protocol=debiased",
+            "debiased": f"{'lower' if not corpus.distill else 'raise'} data.judge.margin (now {judge.margin})",
+            "pointwise": f"{'lower' if not corpus.distill else 'raise'} data.judge.margin (now {judge.margin})"}
+    raise PrismError(f"{corpus.directory / 'corpus.jsonl'}: the {empty} set is empty ({n} items, "
+                     f"data.judge.protocol={judge.protocol}); {hint[judge.protocol]}, or set data.judge.model "
+                     f"to a stronger judge")
+
+
+class CorpusBuilder:
+    """Stages 1–3 on one backbone; each stage's file is named by the hash of everything it depends on."""
+
+    def __init__(self, backbone: BackboneConfig, personas: PersonaConfig, queries: QueryConfig,
+                 answers: AnswerConfig, judge: JudgeConfig, placement: Placement, directory: Path) -> None:
+        self.backbone_config = backbone
+        self.registry = PersonaRegistry.from_config(personas)
+        self.queries, self.answers, self.judge = queries, answers, judge
+        self.placement = placement
+        self.directory = Path(directory)
+
+    def stage_hashes(self, backbone: Backbone, judge_backbone: Backbone) -> dict[str, str]:
+        """Hash per stage; a stage's hash covers its own config and every upstream stage's hash."""
+        personas = {p.name: p.text for p in self.registry}
+        h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, personas, self.queries)
+        h_answers = stable_hash(h_queries, self.answers, self.placement)
+        judge_kind = "pointwise" if self.judge.protocol == "pointwise" else "pairwise"
+        # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
+        h_judge = stable_hash(h_answers, judge_backbone.fingerprint, judge_kind, self.judge.max_answer_tokens,
+                              self.judge.control_pairs)
+        return {"queries": h_queries, "answers": h_answers, "judge": h_judge}
+
+    def build(self) -> Corpus:
+        """Run (or resume) all stages, then write ``corpus.jsonl`` and ``manifest.json``."""
+        backbone = load_backbone(self.backbone_config)
+        judge_backbone = load_backbone(self.judge.model) if self.judge.model else backbone
+        hashes = self.stage_hashes(backbone, judge_backbone)
+        stages = self.directory / "stages"
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        queries = run_queries(backbone, self.registry, self.queries,
+                              JsonlSink(stages / f"queries-{hashes['queries']}.jsonl"))
+        write_jsonl(self.directory / "queries.jsonl", queries)
+        timings["queries"] = time.perf_counter() - start
+        if not queries:
+            raise PrismError(f"{self.directory}: stage 1 kept no queries; loosen data.queries.min_chars/"
+                             f"near_duplicate or raise data.queries.max_rounds")
+
+        start = time.perf_counter()
+        formatter = ChatFormatter(backbone.tokenizer, self.placement)
+        answers = run_answers(backbone, formatter, self.registry, queries, self.answers,
+                              JsonlSink(stages / f"answers-{hashes['answers']}.jsonl"))
+        timings["answers"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        candidates = {q["id"]: answer_personas(q, self.registry, self.answers) for q in queries}
+        controls = control_pairs(queries, self.judge.control_pairs)
+        scores = self._judge(judge_backbone, queries, candidates, answers, controls,
+                             JsonlSink(stages / f"judge-{hashes['judge']}.jsonl"))
+        items, stats = label_queries(queries, candidates, answers, scores, self.judge)
+        stats.update(control_accuracy(controls, scores, self.judge))
+        timings["judge"] = time.perf_counter() - start
+
+        write_jsonl(self.directory / "corpus.jsonl", items)
+        manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
+        write_json(self.directory / "manifest.json", manifest)
+        return Corpus(self.directory, items, manifest)
+
+    def _judge(self, judge_backbone: Backbone, queries: list[dict], candidates: dict[str, list[str]],
+               answers: dict[str, dict[str, str]], controls: list[tuple[dict, dict]], sink: JsonlSink) -> dict:
+        judge = Judge(judge_backbone, self.judge)
+        if self.judge.protocol == "pointwise":
+            graded = [{"id": f"point/{q['id']}/{name}", "question": q["query"], "answer": answers[q["id"]][name]}
+                      for q in queries for name in [BASELINE, *candidates[q["id"]]]]
+            graded += [{"id": f"point/control/{q['id']}/{o['id']}", "question": q["query"],
+                        "answer": answers[o["id"]][BASELINE]} for q, o in controls]
+            judge.score_points(graded, sink, "stage 3 judge (pointwise)")
+        else:
+            pairs = [{"id": f"{q['id']}/{name}", "question": q["query"], "candidate": answers[q["id"]][name],
+                      "baseline": answers[q["id"]][BASELINE]} for q in queries for name in candidates[q["id"]]]
+            pairs += [{"id": f"control/{q['id']}/{o['id']}", "question": q["query"],
+                       "candidate": answers[q["id"]][BASELINE], "baseline": answers[o["id"]][BASELINE]}
+                      for q, o in controls]
+            judge.score_pairs(pairs, sink, "stage 3 judge (pairwise, both orders)")
+        return {r["id"]: r for r in sink.records()}
+
+    def _manifest(self, backbone: Backbone, judge_backbone: Backbone, hashes: dict, queries: list[dict],
+                  items: list[dict], stats: dict, timings: dict) -> dict:
+        per_persona = {}
+        for name in self.registry.names:
+            mine = [i for i in items if i["persona"] == name]
+            per_persona[name] = {"queries": len(mine), "distill": sum(i["label"] for i in mine)}
+        distill = sum(i["label"] for i in items)
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": backbone.reference,
+            "config_hash": stable_hash(self.backbone_config, self.registry.names, self.queries, self.answers,
+                                       self.judge, self.placement),
+            "stages": hashes,
+            "placement": self.placement,
+            "answer_mode": self.answers.mode,
+            "personas": {p.name: p.text for p in self.registry},
+            "counts": {"queries": len(queries), "distill": distill, "retain": len(items) - distill},
+            "per_persona": per_persona,
+            "judge": {"protocol": self.judge.protocol, "margin": self.judge.margin,
+                      "model": judge_backbone.reference, **stats},
+            "seconds": {k: round(v, 1) for k, v in timings.items()},
+        }

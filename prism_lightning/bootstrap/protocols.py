@@ -1,0 +1,69 @@
+"""Judge decision rules as pure functions of choice-token log-probabilities (unit-tested on constructed inputs).
+
+Pairwise judging runs every pair in two orders: ``first`` shows (A = baseline, B = candidate) and
+``second`` shows (A = candidate, B = baseline). Log-prob columns are (A, B, TIE).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+A, B, TIE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class PairwiseDecision:
+    """Per-pair outcome tensors of one protocol."""
+
+    label: torch.Tensor          # bool: the candidate (persona answer) wins
+    margin: torch.Tensor         # mean of the two orders' candidate-minus-baseline log-prob margins
+    candidate_wins_both: torch.Tensor
+    position_biased: torch.Tensor  # both orders picked the same letter, i.e. the position, not the content
+    ties: torch.Tensor           # number of orders (0, 1, 2) whose top choice was TIE
+    unparseable: torch.Tensor    # too little probability on the choice tokens in either order
+
+
+def decide_pairwise(first: torch.Tensor, second: torch.Tensor, protocol: str, margin: float = 0.0,
+                    min_choice_mass: float = 0.0) -> PairwiseDecision:
+    """Apply ``strict`` (candidate wins both orders) or ``debiased`` (mean margin > ``margin``) to [n, 3] log-probs."""
+    if protocol not in ("strict", "debiased"):
+        raise ValueError(f"pairwise protocol must be strict or debiased, got {protocol!r}")
+    m_first = first[:, B] - first[:, A]      # candidate is B in the first order
+    m_second = second[:, A] - second[:, B]   # candidate is A in the second order
+    mean_margin = (m_first + m_second) / 2   # a constant preference for one position cancels here
+    top_first, top_second = first.argmax(-1), second.argmax(-1)
+    wins_both = (top_first == B) & (top_second == A)
+    biased = (top_first == top_second) & (top_first != TIE)
+    ties = (top_first == TIE).long() + (top_second == TIE).long()
+    mass = torch.minimum(first.exp().sum(-1), second.exp().sum(-1))
+    unparseable = mass < min_choice_mass
+    label = wins_both if protocol == "strict" else mean_margin > margin
+    return PairwiseDecision(label=label & ~unparseable, margin=mean_margin, candidate_wins_both=wins_both,
+                            position_biased=biased, ties=ties, unparseable=unparseable)
+
+
+def expected_score(digit_logprobs: torch.Tensor, ten_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected 1–10 grade and its probability mass from log-probs of first tokens "1".."9" ([n, 9]) and of "10".
+
+    ``ten_logprob`` is log P("1") + log P("0" | "1"); the mass of "1" is split between grade 1 and grade 10.
+    """
+    probs = digit_logprobs.exp().clone()
+    p_ten = ten_logprob.exp()
+    probs[:, 0] = (probs[:, 0] - p_ten).clamp_min(0)
+    grades = torch.arange(1, 10, dtype=probs.dtype)
+    mass = probs.sum(-1) + p_ten
+    score = (probs @ grades + 10 * p_ten) / mass.clamp_min(1e-12)
+    return score, mass
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for a proportion (well-behaved at small n and near 0 or 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -1,0 +1,106 @@
+"""Stage 1: the base model writes queries per persona from varied prompts; parse, filter, dedup."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable, Optional
+
+from prism_lightning.backbone import Backbone
+from prism_lightning.bootstrap.config import QueryConfig
+from prism_lightning.chat import ChatFormatter
+from prism_lightning.generation import generate_into
+from prism_lightning.jsonl import JsonlSink
+from prism_lightning.personas import Persona, PersonaRegistry
+
+CURATOR = ("You curate evaluation data. You write one realistic, specific question that a user would bring to "
+           "the expert described below, and nothing else.")
+_FRAMES = (
+    "Expert description:\n{persona}\n\nWrite one question about {topic}: {style}. Output only the question.",
+    "Here is an expert:\n{persona}\n\nA user needs this expert's help with {topic}. Write the user's message — "
+    "{style}. Output only the message.",
+    "{persona}\n\nInvent {style} that a real person might ask about {topic}. Reply with the question alone.",
+    "Think of a user who needs the expert below.\n{persona}\n\nTheir request concerns {topic} and is {style}. "
+    "Write that request in one or two sentences, with no preamble.",
+)
+_PREFIX = re.compile(r"^\s*(?:(?:user'?s?\s+)?(?:question|query|request|message|q)\s*#?\s*\d*\s*[:.)\-]|"
+                     r"\d+\s*[.):]|[-*•])\s*", re.IGNORECASE)
+_META = re.compile(r"^(sure|here|okay|ok|certainly|of course)\b.*|.*:\s*$", re.IGNORECASE)
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def candidate_prompt(persona: Persona, index: int) -> str:
+    """The index-th query-generation prompt: frame, topic and question style all vary with the index."""
+    topics = persona.topics or ("the subject of the context",)
+    styles = persona.question_styles
+    frame = _FRAMES[index % len(_FRAMES)]
+    topic = topics[(index // len(_FRAMES)) % len(topics)]
+    style = styles[(index * 7 + index // len(topics)) % len(styles)]
+    return frame.format(persona=persona.text, topic=topic, style=style)
+
+
+def parse_query(text: str, config: QueryConfig) -> Optional[str]:
+    """Extract the question from a generation: skip preambles, strip numbering and quotes, check length."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text.strip()) if p.strip()]
+    for paragraph in paragraphs:
+        lines = [ln.strip() for ln in paragraph.splitlines() if ln.strip() and not _META.match(ln.strip())]
+        if lines:
+            break
+    else:
+        return None
+    query = " ".join(_PREFIX.sub("", ln, count=1) for ln in lines)
+    query = re.sub(r"\s+", " ", query).strip().strip("\"'`*“”").strip()
+    if not (config.min_chars <= len(query) <= config.max_chars) or len(query.split()) < config.min_words:
+        return None
+    return query
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(_WORD.findall(text.lower()))
+
+
+def dedup(queries: Iterable[str], threshold: float, seen: Optional[list[frozenset[str]]] = None) -> list[str]:
+    """Drop exact (normalised) and near duplicates (word-set Jaccard ≥ threshold), also against ``seen``."""
+    seen = [] if seen is None else seen
+    kept = []
+    for query in queries:
+        words = _words(query)
+        if any(len(words & s) / max(1, len(words | s)) >= threshold for s in seen):
+            continue
+        seen.append(words)
+        kept.append(query)
+    return kept
+
+
+def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConfig) -> list[dict]:
+    """Turn raw generations into the final query list: parsed, filtered, deduplicated across personas."""
+    seen: list[frozenset[str]] = []
+    selected = []
+    for persona in registry:
+        rows = sorted((r for r in raw if r["persona"] == persona.name), key=lambda r: r["index"])
+        parsed = [q for q in (parse_query(r["text"], config) for r in rows) if q]
+        for n, query in enumerate(dedup(parsed, config.near_duplicate, seen)[:config.per_persona]):
+            selected.append({"id": f"{persona.name}-{n:04d}", "persona": persona.name, "query": query})
+    return selected
+
+
+def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConfig, sink: JsonlSink) -> list[dict]:
+    """Generate candidates in rounds until each persona has ``per_persona`` queries or rounds run out."""
+    formatter = ChatFormatter(backbone.tokenizer)
+    per_round = math.ceil(config.per_persona * config.oversample)
+    selected: list[dict] = []
+    for round_ in range(config.max_rounds):
+        counts = {p: sum(1 for q in selected if q["persona"] == p) for p in registry.names}
+        short = [p for p in registry if counts[p.name] < config.per_persona]
+        if not short:
+            break
+        items = []
+        for persona in short:
+            for index in range(round_ * per_round, (round_ + 1) * per_round):
+                items.append({"id": f"{persona.name}/{index}", "persona": persona.name, "index": index,
+                              "prompt_ids": formatter.prompt_ids(candidate_prompt(persona, index), CURATOR)})
+        generate_into(backbone, items, config.decoding, sink, f"stage 1 queries (round {round_ + 1})",
+                      lambda item, out: {"id": item["id"], "persona": item["persona"], "index": item["index"],
+                                         **out})
+        selected = select_queries(sink.records(), registry, config)
+    return selected

@@ -1,0 +1,167 @@
+"""BootstrapDataModule: builds or reuses the corpus, splits it, and collates aligned student/teacher batches."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from prism_lightning.backbone import BackboneConfig, load_backbone
+from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
+from prism_lightning.chat import ChatFormatter, Placement
+from prism_lightning.personas import PersonaConfig, PersonaRegistry
+
+
+def stratified_split(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split keeping the label ratio in both parts; at least one item of each class in val when possible."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in (0, 1):
+        group = [i for i in items if i["label"] == label]
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, max(1, round(len(group) * val_fraction))) if len(group) > 1 else 0
+        val += group[:n_val]
+        train += group[n_val:]
+    return train, val
+
+
+@dataclass
+class Collator:
+    """Tokenizes items into right-padded student (no persona) and teacher (persona) inputs on identical responses."""
+
+    formatter: ChatFormatter
+    persona_texts: dict[str, str]
+    max_length: int = 512
+
+    def encode_item(self, item: dict) -> dict:
+        """Student and teacher encodings of one item; retain items use the baseline answer and no persona."""
+        distill = item["label"] == 1
+        response = item["persona_answer"] if distill else item["baseline_answer"]
+        persona = self.persona_texts.get(item["target_persona"]) if distill else None
+        student = self.formatter.encode(item["query"], response)
+        teacher = self.formatter.encode(item["query"], response, persona)
+        room = self.max_length - max(student.prompt_len, teacher.prompt_len)
+        if room < 1:
+            raise ValueError(f"item {item['id']}: prompt longer than data.max_length={self.max_length}")
+        n_resp = min(len(student.response_ids), room)
+        return {"student": student.input_ids[:student.prompt_len + n_resp], "s_start": student.prompt_len,
+                "teacher": teacher.input_ids[:teacher.prompt_len + n_resp], "t_start": teacher.prompt_len,
+                "n_resp": n_resp, "label": float(item["label"]), "id": item["id"]}
+
+    def __call__(self, items: list[dict]) -> dict[str, Any]:
+        enc = [self.encode_item(i) for i in items]
+        pad = self.formatter.tokenizer.pad_token_id
+        r = max(e["n_resp"] for e in enc)
+
+        def pad_right(key: str) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max(len(e[key]) for e in enc)
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for row, e in enumerate(enc):
+                ids[row, :len(e[key])] = torch.tensor(e[key])
+                mask[row, :len(e[key])] = 1
+            return ids, mask
+
+        steps = torch.arange(r)
+        resp_mask = torch.stack([steps < e["n_resp"] for e in enc])
+        # The logit at position p predicts token p + 1, so response token t is predicted at start + t - 1.
+        s_pos = torch.stack([(e["s_start"] - 1 + steps).clamp(max=len(e["student"]) - 1) for e in enc])
+        t_pos = torch.stack([(e["t_start"] - 1 + steps).clamp(max=len(e["teacher"]) - 1) for e in enc])
+        s_ids, s_mask = pad_right("student")
+        t_ids, t_mask = pad_right("teacher")
+        return {"student_ids": s_ids, "student_mask": s_mask, "teacher_ids": t_ids, "teacher_mask": t_mask,
+                "student_pos": s_pos, "teacher_pos": t_pos, "response_mask": resp_mask,
+                "feature_pos": torch.tensor([e["s_start"] - 1 for e in enc]),
+                "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc]}
+
+
+class BootstrapDataModule(L.LightningDataModule):
+    """The bootstrapped corpus (PRISM stages 1–3) as train/val dataloaders.
+
+    Args:
+        backbone: the base model that writes, answers and judges (linked to ``model.backbone``).
+        personas: which personas/contexts to distill.
+        queries: stage 1 settings.
+        answers: stage 2 settings.
+        judge: stage 3 settings.
+        placement: where the persona goes: ``system`` message or prepended to the ``user`` turn.
+        corpus_dir: corpus location; default ``<trainer.default_root_dir>/corpus``.
+        val_fraction: stratified held-out share for gate metrics.
+        batch_size: items per training batch.
+        max_length: tokens per sequence (responses are cut to fit).
+        balance: resample the minority gate class in training (paper: minority resampling).
+        seed: split and sampler seed.
+    """
+
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
+                 queries: QueryConfig = QueryConfig(), answers: AnswerConfig = AnswerConfig(),
+                 judge: JudgeConfig = JudgeConfig(), placement: Placement = "system",
+                 corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
+                 max_length: int = 512, balance: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone_config = backbone
+        self.persona_config, self.query_config, self.answer_config = personas, queries, answers
+        self.judge_config, self.placement = judge, placement
+        self.corpus_dir = corpus_dir
+        self.val_fraction, self.batch_size, self.max_length = val_fraction, batch_size, max_length
+        self.balance, self.seed = balance, seed
+        self.corpus: Optional[Corpus] = None
+        self.train_items: list[dict] = []
+        self.val_items: list[dict] = []
+
+    def resolve_corpus_dir(self, root: Optional[str] = None) -> Path:
+        """The corpus directory: explicit, else under the trainer's root dir."""
+        if self.corpus_dir:
+            return Path(self.corpus_dir)
+        if root is None:
+            root = self.trainer.default_root_dir if self._trainer is not None else "."
+        return Path(root) / "corpus"
+
+    def build_corpus(self, root: Optional[str] = None) -> Corpus:
+        """Run or resume stages 1–3 (only the stages whose inputs changed do any work)."""
+        builder = CorpusBuilder(self.backbone_config, self.persona_config, self.query_config, self.answer_config,
+                                self.judge_config, self.placement, self.resolve_corpus_dir(root))
+        self.corpus = builder.build()
+        return self.corpus
+
+    def prepare_data(self) -> None:
+        """Build or reuse the corpus on disk (rank 0 only, as Lightning calls it)."""
+        self.build_corpus()
+
+    def setup(self, stage: str) -> None:
+        """Load the corpus, check both classes exist, and make the stratified split."""
+        self.corpus = load_corpus(self.resolve_corpus_dir())
+        check_both_classes(self.corpus, self.judge_config)
+        self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
+        split = {"train": [i["id"] for i in self.train_items], "val": [i["id"] for i in self.val_items]}
+        if self._trainer is not None and self.trainer.is_global_zero:
+            (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))
+
+    def collator(self) -> Collator:
+        """The collate function, with this run's tokenizer, placement and persona texts."""
+        tokenizer = load_backbone(self.backbone_config).tokenizer
+        registry = PersonaRegistry.from_config(self.persona_config)
+        return Collator(ChatFormatter(tokenizer, self.placement), {p.name: p.text for p in registry},
+                        self.max_length)
+
+    def train_dataloader(self) -> DataLoader:
+        """Training batches; the minority gate class is resampled so both classes are seen equally."""
+        sampler = None
+        if self.balance:
+            counts = {lab: sum(1 for i in self.train_items if i["label"] == lab) for lab in (0, 1)}
+            weights = [1.0 / counts[i["label"]] for i in self.train_items]
+            sampler = WeightedRandomSampler(weights, num_samples=len(self.train_items), replacement=True,
+                                            generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(self.train_items, batch_size=self.batch_size, sampler=sampler, shuffle=sampler is None,
+                          collate_fn=self.collator())
+
+    def val_dataloader(self) -> DataLoader:
+        """Held-out batches, in corpus order."""
+        return DataLoader(self.val_items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator())

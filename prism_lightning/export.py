@@ -1,0 +1,53 @@
+"""The exported artifact: PEFT adapter directory + gate in safetensors + a small routing JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from prism_lightning.errors import PrismError
+
+ADAPTER_DIR = "adapter"
+GATE_FILE = "gate.safetensors"
+CONFIG_FILE = "prism.json"
+REQUIRED = (CONFIG_FILE, GATE_FILE, f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
+
+
+def export_artifact(module: Any, directory: Path) -> Path:
+    """Save a trained PrismModule so that ``GatedModel.from_pretrained(directory)`` needs no Lightning."""
+    directory.mkdir(parents=True, exist_ok=True)
+    module.model.save_pretrained(directory / ADAPTER_DIR)
+    gate = module.gate
+    save_file({k: v.detach().cpu().contiguous() for k, v in gate.mlp.state_dict().items()}, directory / GATE_FILE)
+    backbone = module.backbone
+    config = {
+        "format_version": 1,
+        "base_model": backbone.reference,
+        "backbone": {"name_or_path": backbone.config.name_or_path, "dtype": backbone.config.dtype,
+                     "revision": backbone.config.revision,
+                     "trust_remote_code": backbone.config.trust_remote_code},
+        "feature_layer": 0,
+        "feature_position": "last prompt token after the generation prompt",
+        "persona_placement_trained": module.placement,
+        "gate": {"hidden_size": gate.hparams.hidden_size, "dims": list(gate.hparams.dims),
+                 "threshold": float(gate.threshold), "temperature": float(gate.temperature)},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def check_export(directory: Path) -> dict:
+    """Read an export's routing JSON after checking every required file is there (names the missing one)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PrismError(f"export directory not found: {directory}")
+    for name in REQUIRED:
+        if not (directory / name).is_file():
+            raise PrismError(f"export {directory} is missing {name}")
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{directory / CONFIG_FILE}:{exc.lineno}: malformed export config ({exc.msg})") from None

@@ -1,0 +1,116 @@
+"""Batched generation: left padding, KV cache, every decoding parameter explicit, results appended to JSONL."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from prism_lightning.backbone import Backbone
+from prism_lightning.jsonl import JsonlSink
+from prism_lightning.progress import progress
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """Decoding parameters, all pinned; the model's own generation defaults are never consulted.
+
+    Args:
+        max_new_tokens: cap on generated tokens.
+        temperature: 0 means greedy decoding.
+        top_p: nucleus mass (1.0 = off).
+        top_k: top-k cut (0 = off).
+        repetition_penalty: 1.0 = off.
+        seed: base seed; each batch is seeded from it and its first item id.
+        batch_size: prompts per generate call.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+
+    def generation_config(self, tokenizer: Any, eos_ids: Sequence[int]) -> GenerationConfig:
+        """A complete GenerationConfig with nothing left to model defaults."""
+        sample = self.temperature > 0
+        return GenerationConfig(
+            do_sample=sample, temperature=self.temperature if sample else 1.0,
+            top_p=self.top_p if sample else 1.0, top_k=self.top_k if sample else 0,
+            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=list(eos_ids), num_beams=1, use_cache=True)
+
+
+def stop_token_ids(backbone: Backbone) -> list[int]:
+    """End-of-turn ids: the tokenizer's EOS plus any the model declares (Llama-3 has several)."""
+    ids = {backbone.tokenizer.eos_token_id}
+    declared = getattr(backbone.model.generation_config, "eos_token_id", None)
+    ids.update(declared if isinstance(declared, (list, tuple)) else [declared])
+    return sorted(i for i in ids if i is not None)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """Left-pad token id lists into (input_ids, attention_mask), so every row ends at the last column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_batch(backbone: Backbone, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
+                   seed: Optional[int] = None, model: Any = None, **generate_kwargs: Any) -> list[dict]:
+    """Generate for one batch of tokenized prompts; returns ``{"text", "new_tokens", "finished"}`` per row.
+
+    ``model`` defaults to the backbone's; pass a PEFT wrapper (with ``adapter_names``) for routed generation.
+    """
+    model = model if model is not None else backbone.model
+    tokenizer = backbone.tokenizer
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    eos = stop_token_ids(backbone)
+    config = decoding.generation_config(tokenizer, eos)
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id, backbone.device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    saved = core.generation_config
+    core.generation_config = config  # nothing from the model's generation_config.json can leak in
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **generate_kwargs)
+    finally:
+        core.generation_config = saved
+    results = []
+    for row in out[:, ids.shape[1]:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        body = row if stop is None else row[:stop]
+        results.append({"text": tokenizer.decode(body, skip_special_tokens=True).strip(),
+                        "new_tokens": len(body), "finished": stop is not None})
+    return results
+
+
+def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingConfig, sink: JsonlSink,
+                  description: str, make_record: Callable[[dict, dict], dict]) -> None:
+    """Generate for every item (``{"id", "prompt_ids", ...}``) not yet in ``sink``, appending each batch atomically.
+
+    Items are sorted by prompt length so batches waste little padding; ``make_record(item, result)``
+    turns a generation into the stored record.
+    """
+    pending = sorted((i for i in items if i["id"] not in sink), key=lambda i: len(i["prompt_ids"]))
+    if not pending:
+        return
+    with progress(len(pending), description) as advance:
+        for start in range(0, len(pending), decoding.batch_size):
+            batch = pending[start:start + decoding.batch_size]
+            seed = decoding.seed + zlib.crc32(batch[0]["id"].encode())
+            results = generate_batch(backbone, [i["prompt_ids"] for i in batch], decoding, seed=seed)
+            sink.append([make_record(item, result) for item, result in zip(batch, results)])
+            advance(len(batch))

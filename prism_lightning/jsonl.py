@@ -1,0 +1,106 @@
+"""JSONL files that survive SIGKILL: whole-line appends, torn tails repaired, bad lines named by file and line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from prism_lightning.errors import PrismError
+
+
+def read_jsonl(path: Path, repair_tail: bool = False) -> list[dict]:
+    """Read every record; a malformed line raises ``PrismError`` naming ``file:line``.
+
+    A last line without its newline is a write that a kill cut short: with ``repair_tail`` it is
+    removed from the file (the item is simply not done yet), otherwise it is an error like any other.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    if tail and repair_tail:
+        with open(path, "r+b") as fh:
+            fh.truncate(len(raw) - len(tail))
+    elif tail:
+        lines.append(tail)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PrismError(f"{path}:{number}: malformed corpus line ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise PrismError(f"{path}:{number}: malformed corpus line (expected a JSON object)")
+        records.append(record)
+    return records
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Replace ``path`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write a JSON document atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlSink:
+    """An append-only result file keyed by ``key``: resumes after a kill without losing or repeating items."""
+
+    def __init__(self, path: Path, key: str = "id") -> None:
+        self.path = Path(path)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._records: dict[str, dict] = {}
+        for record in read_jsonl(self.path, repair_tail=True):
+            if key not in record:
+                raise PrismError(f"{self.path}: record without key {key!r}")
+            self._records.setdefault(record[key], record)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, item_id: str) -> Optional[dict]:
+        """The finished record for ``item_id``, or None."""
+        return self._records.get(item_id)
+
+    def records(self) -> list[dict]:
+        """All finished records in the order they were first written."""
+        return list(self._records.values())
+
+    def append(self, records: list[dict]) -> None:
+        """Append records not yet present with one write and an fsync, so a kill tears at most the tail."""
+        fresh = [r for r in records if r[self.key] not in self._records]
+        if not fresh:
+            return
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for r in fresh:
+            self._records[r[self.key]] = r

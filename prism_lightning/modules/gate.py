@@ -1,0 +1,103 @@
+"""IntentGate: the paper's MLP on layer-0 features (h -> 128 -> 64 -> 1, GELU, BCE), in fp32."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
+
+
+class GateMLP(nn.Module):
+    """Maps a hidden state to one routing logit."""
+
+    def __init__(self, hidden_size: int, dims: Sequence[int] = (128, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = hidden_size
+        for dim in dims:
+            layers += [nn.Linear(width, dim), nn.GELU()]
+            width = dim
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing logits [B] from features [B, H] (computed in fp32 whatever the backbone's dtype)."""
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.net(features.float()).squeeze(-1)
+
+
+class BalancedAccuracy(MulticlassAccuracy):
+    """Mean of per-class recall for a binary gate, fed with probabilities."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__(num_classes=2, average="macro")
+        self.threshold = threshold
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+        """Threshold the probabilities and count per-class hits."""
+        super().update((probs >= self.threshold).long(), target.long())
+
+
+def gate_metrics(prefix: str, threshold: float = 0.5) -> MetricCollection:
+    """Accuracy, balanced accuracy and AUROC of gate probabilities."""
+    return MetricCollection({"acc": BinaryAccuracy(threshold=threshold), "balanced_acc": BalancedAccuracy(threshold),
+                             "auroc": BinaryAUROC()}, prefix=prefix)
+
+
+class IntentGate(L.LightningModule):
+    """The routing gate; trains on its own from cached features (``{"features", "label"}`` batches) or inside PrismModule.
+
+    Args:
+        hidden_size: width of the backbone's hidden state.
+        dims: hidden widths of the MLP (paper: 128, 64).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        threshold: route to the adapter when the probability is at or above this.
+        temperature: logit temperature (1 = uncalibrated; set by calibration).
+    """
+
+    def __init__(self, hidden_size: int = 576, dims: Sequence[int] = (128, 64), lr: float = 1e-3,
+                 weight_decay: float = 0.01, threshold: float = 0.5, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.mlp = GateMLP(hidden_size, dims)
+        self.threshold = threshold
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.val_metrics = gate_metrics("val/gate_", threshold)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated routing logits."""
+        return self.mlp(features) / self.temperature
+
+    def probability(self, features: torch.Tensor) -> torch.Tensor:
+        """P(route to adapter)."""
+        return torch.sigmoid(self(features))
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """BCE on raw (uncalibrated) logits; class balance comes from resampling in the DataModule."""
+        return F.binary_cross_entropy_with_logits(self.mlp(features), labels.float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One gate step on cached features."""
+        loss = self.loss(batch["features"], batch["label"])
+        self.log("train/gate_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out loss and metrics."""
+        self.log("val/gate_loss", self.loss(batch["features"], batch["label"]))
+        self.val_metrics.update(self.probability(batch["features"]), batch["label"].long())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log and reset the held-out metrics."""
+        self.log_dict(self.val_metrics.compute())
+        self.val_metrics.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW on the MLP."""
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

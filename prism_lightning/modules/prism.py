@@ -1,0 +1,94 @@
+"""PrismModule: IntentGate + DistillationStudent on one backbone; one student forward serves both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from prism_lightning.backbone import BackboneConfig
+from prism_lightning.features import capture_layer0, gather_positions
+from prism_lightning.modules.gate import IntentGate, gate_metrics
+from prism_lightning.modules.student import DistillationStudent, LoraSettings, with_schedule
+
+
+class PrismModule(DistillationStudent):
+    """Gate and LoRA trained together: the layer-0 hook on the student forward yields the gate's features.
+
+    Layer 0 carries no LoRA, so these features equal the adapter-free ones used at inference.
+
+    Args:
+        backbone: base model (linked from ``data.backbone``).
+        lora: LoRA settings.
+        temperature: distillation temperature.
+        top_k: teacher support size for the KL; 0 = full vocabulary.
+        retain_weight: weight of the retain term (0 = paper).
+        lr: learning rate of the LoRA weights.
+        gate_lr: learning rate of the gate.
+        gate_dims: hidden widths of the gate MLP.
+        gate_weight: weight of the gate's BCE in the summed loss.
+        threshold: routing threshold (calibration may change it).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of steps with linear warmup.
+        placement: persona placement the corpus used (linked from ``data.placement``), recorded in the export.
+    """
+
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
+                 temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
+                 gate_lr: float = 1e-3, gate_dims: Sequence[int] = (128, 64), gate_weight: float = 1.0,
+                 threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
+                 placement: str = "system") -> None:
+        super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio)
+        self.save_hyperparameters()
+        self.placement = placement
+        self.gate: Optional[IntentGate] = None
+        self.val_gate = gate_metrics("val/gate_", threshold)
+
+    def configure_model(self) -> None:
+        """Attach LoRA and build the gate for this backbone's hidden size."""
+        super().configure_model()
+        if self.gate is None:
+            self.gate = IntentGate(self.backbone.model.config.hidden_size, self.hparams.gate_dims,
+                                   threshold=self.hparams.threshold)
+
+    def shared_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        """Student forward with the layer-0 hook: distillation losses, gate features."""
+        with capture_layer0(self.model) as box:
+            logits = self.student_logits(batch)
+        features = gather_positions(box["hidden"], batch["feature_pos"]).detach()
+        out = self.distill_loss(batch, logits)
+        out["gate_loss"] = self.gate.loss(features, batch["label"])
+        out["loss"] = out["loss"] + self.hparams.gate_weight * out["gate_loss"]
+        return out, features
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Joint step: KL (+ retain term) + gate BCE."""
+        out, _ = self.shared_step(batch)
+        self.check_finite(out["loss"], batch, batch_idx)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["ids"]))
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out losses and gate metrics."""
+        out, features = self.shared_step(batch)
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
+        self.val_gate.update(self.gate.probability(features), batch["label"].long())
+
+    def on_validation_epoch_end(self) -> None:
+        """Log and reset held-out gate metrics."""
+        self.log_dict(self.val_gate.compute())
+        self.val_gate.reset()
+
+    def configure_optimizers(self) -> dict:
+        """AdamW with separate learning rates for LoRA and gate."""
+        groups = [{"params": self.trainable_parameters(), "lr": self.hparams.lr},
+                  {"params": list(self.gate.parameters()), "lr": self.hparams.gate_lr}]
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        return with_schedule(optimizer, self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio)
+
+    def export(self, directory: Path) -> Path:
+        """Write the deployable artifact (adapter, gate, routing JSON) to ``directory``."""
+        from prism_lightning.export import export_artifact
+
+        return export_artifact(self, Path(directory))

@@ -1,0 +1,197 @@
+"""DistillationStudent: base + LoRA (layers 1..L-1) learns, without the persona, what the base does with it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone
+from prism_lightning.errors import PrismError
+from prism_lightning.losses import kl_divergence, response_logits
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyperparameters (paper: r 16, alpha 32, all seven projections; never on layer 0).
+
+    Args:
+        rank: LoRA rank.
+        alpha: LoRA alpha.
+        dropout: LoRA dropout.
+        target_modules: projection names to adapt.
+    """
+
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+
+
+def attach_lora(backbone: Backbone, settings: LoraSettings) -> Any:
+    """Wrap the backbone in PEFT with LoRA on layers 1..L-1, so layer 0 (the gate's input) never changes."""
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = len(backbone.decoder_layers())
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), layers_to_transform=list(range(1, n_layers)),
+                        task_type="CAUSAL_LM", bias="none")
+    for p in backbone.model.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(backbone.model, config)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    """Linear warmup then linear decay to 0."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    return factor
+
+
+class DistillationStudent(L.LightningModule):
+    """Context distillation of the persona into one LoRA adapter.
+
+    Teacher = the same weights with the adapter disabled, given the persona, no grad, eval mode.
+    Student = base + LoRA, no persona. Loss = top-k KL at temperature T (× T²) on the identical response tokens,
+    on distill items; plus ``retain_weight`` × KL(base ‖ student) on retain items (0 = paper).
+
+    Args:
+        backbone: base model (linked from ``data.backbone``).
+        lora: LoRA settings.
+        temperature: distillation temperature.
+        top_k: teacher support size for the KL; 0 = full vocabulary.
+        retain_weight: weight of the retain term.
+        lr: AdamW learning rate of the LoRA parameters.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of steps with linear warmup.
+    """
+
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
+                 temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone_config = backbone
+        self.model: Optional[Any] = None
+        self.strict_loading = False  # checkpoints hold only trainable weights, never the frozen base
+
+    @property
+    def backbone(self) -> Backbone:
+        """The process-wide backbone these weights come from."""
+        return load_backbone(self.backbone_config)
+
+    def configure_model(self) -> None:
+        """Load the backbone (once per process) and attach LoRA."""
+        if self.model is None:
+            self.model = attach_lora(self.backbone, self.hparams.lora)
+
+    def student_logits(self, batch: dict) -> torch.Tensor:
+        """Full-sequence logits of base + LoRA on the persona-free inputs."""
+        return self.model(input_ids=batch["student_ids"], attention_mask=batch["student_mask"],
+                          use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen base (adapter disabled, dropout off) on ``input_ids``."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        finally:
+            self.model.train(was_training)
+
+    def distill_loss(self, batch: dict, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """KL on distill rows (teacher with persona) and, if weighted, on retain rows (teacher = base, no persona)."""
+        hp = self.hparams
+        distill_rows = batch["label"] > 0.5
+        student = response_logits(student_logits, batch["student_pos"])
+        out: dict[str, torch.Tensor] = {}
+        if distill_rows.any():
+            teacher = response_logits(self.teacher_logits(batch["teacher_ids"], batch["teacher_mask"]),
+                                      batch["teacher_pos"])
+            mask = batch["response_mask"] & distill_rows[:, None]
+            out["kl"] = kl_divergence(teacher[mask], student[mask], hp.temperature, hp.top_k).mean()
+        else:
+            out["kl"] = student.sum() * 0.0
+        loss = out["kl"]
+        if hp.retain_weight > 0 and (~distill_rows).any():
+            base = response_logits(self.teacher_logits(batch["student_ids"], batch["student_mask"]),
+                                   batch["student_pos"])
+            mask = batch["response_mask"] & ~distill_rows[:, None]
+            out["retain_kl"] = kl_divergence(base[mask], student[mask], hp.temperature, hp.top_k).mean()
+            loss = loss + hp.retain_weight * out["retain_kl"]
+        out["loss"] = loss
+        return out
+
+    def check_finite(self, loss: torch.Tensor, batch: dict, batch_idx: int) -> None:
+        """Stop with the step and batch named when the loss is NaN or inf."""
+        if not torch.isfinite(loss).all():
+            raise PrismError(f"non-finite loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} "
+                             f"(items {', '.join(batch['ids'][:4])}); lower the learning rate or check the data")
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One distillation step."""
+        out = self.distill_loss(batch, self.student_logits(batch))
+        self.check_finite(out["loss"], batch, batch_idx)
+        self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["ids"]))
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Held-out KL."""
+        out = self.distill_loss(batch, self.student_logits(batch))
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA weights."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict:
+        """AdamW with linear warmup and decay."""
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr,
+                                      weight_decay=self.hparams.weight_decay)
+        return with_schedule(optimizer, self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio)
+
+    # Checkpoints keep the trainable weights and the base model's reference, never the frozen base.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Drop frozen weights from the checkpoint and record which base model it belongs to."""
+        keep = trainable_state_keys(self)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["prism_base_model"] = self.backbone.reference
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint made for another base model."""
+        check_base_model(checkpoint.get("prism_base_model"), self.backbone, "checkpoint")
+
+
+def with_schedule(optimizer: torch.optim.Optimizer, total_steps: float, warmup_ratio: float) -> dict:
+    """Attach the warmup/decay schedule, stepped every optimizer step."""
+    total = int(total_steps) if math.isfinite(total_steps) else 1000
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def trainable_state_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys of trainable parameters and of small buffers outside the frozen base (gate temperature)."""
+    keys = {name for name, p in module.named_parameters() if p.requires_grad}
+    keys |= {name for name, _ in module.named_buffers() if ".base_model." not in f".{name}"}
+    return keys
+
+
+def check_base_model(recorded: Optional[dict], backbone: Backbone, what: str) -> None:
+    """Raise when ``recorded`` names different base weights than the loaded backbone."""
+    if recorded is None:
+        raise PrismError(f"{what} records no base model; it was not made by prism_lightning")
+    if recorded.get("fingerprint") != backbone.fingerprint:
+        raise PrismError(f"{what} was made for base model {recorded.get('name_or_path')} (fingerprint "
+                         f"{recorded.get('fingerprint')}), but the loaded base is {backbone.config.name_or_path} "
+                         f"(fingerprint {backbone.fingerprint})")

