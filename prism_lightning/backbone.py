@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,12 +101,14 @@ def _looks_like_path(name: str) -> bool:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable hash of the weights: every tensor's name, shape and first 64 values."""
+    """A cheap, stable hash of the weights: every tensor's name, shape, first 64 values and sum."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().flatten()[:64].to(torch.float32).cpu().numpy().tobytes())
+        flat = tensor.detach().flatten().to(torch.float32)
+        h.update(flat[:64].cpu().numpy().tobytes())
+        h.update(f"{flat.double().sum().item():.6e}".encode())
     return h.hexdigest()[:16]
 
 
@@ -132,7 +135,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(cached) if not cached.exists() else None
+    try:
+        if cached.exists():  # an incomplete earlier conversion
+            shutil.rmtree(cached)
+        tmp.rename(cached)
+    except OSError:  # another process finished first; its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
     return model.to(dtype), tokenizer
 
 

@@ -61,6 +61,8 @@ class ChatFormatter:
     def effective_placement(self, placement: Optional[Placement] = None) -> Placement:
         """The placement actually used: user placement when the template has no system role."""
         chosen = placement or self.placement
+        if chosen not in PLACEMENTS:
+            raise ValueError(f"persona placement must be one of {PLACEMENTS}, got {chosen!r}")
         return chosen if chosen == "user" or self.supports_system else "user"
 
     def messages(self, query: str, persona: Optional[str] = None, placement: Optional[Placement] = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,7 +121,7 @@ class BootstrapDataModule(L.LightningDataModule):
         if self.corpus_dir:
             return Path(self.corpus_dir)
         if root is None:
-            root = self.trainer.default_root_dir if self._trainer is not None else "."
+            root = self.trainer.default_root_dir if self.trainer is not None else "."
         return Path(root) / "corpus"
 
     def build_corpus(self, root: Optional[str] = None) -> Corpus:
@@ -141,7 +141,7 @@ class BootstrapDataModule(L.LightningDataModule):
         check_both_classes(self.corpus, self.judge_config)
         self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
         split = {"train": [i["id"] for i in self.train_items], "val": [i["id"] for i in self.val_items]}
-        if self._trainer is not None and self.trainer.is_global_zero:
+        if self.trainer is not None and self.trainer.is_global_zero:
             (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))
 
     def collator(self) -> Collator:

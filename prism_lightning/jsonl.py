@@ -34,9 +34,9 @@ def read_jsonl(path: Path, repair_tail: bool = False) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PrismError(f"{path}:{number}: malformed corpus line ({exc.msg})") from None
+            raise PrismError(f"{path}:{number}: malformed JSONL line ({exc.msg})") from None
         if not isinstance(record, dict):
-            raise PrismError(f"{path}:{number}: malformed corpus line (expected a JSON object)")
+            raise PrismError(f"{path}:{number}: malformed JSONL line (expected a JSON object)")
         records.append(record)
     return records
 
@@ -92,7 +92,12 @@ class JsonlSink:
 
     def append(self, records: list[dict]) -> None:
         """Append records not yet present with one write and an fsync, so a kill tears at most the tail."""
-        fresh = [r for r in records if r[self.key] not in self._records]
+        fresh: list[dict] = []
+        batch_ids: set = set()
+        for r in records:
+            if r[self.key] not in self._records and r[self.key] not in batch_ids:
+                batch_ids.add(r[self.key])
+                fresh.append(r)
         if not fresh:
             return
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode()

@@ -68,6 +68,9 @@ class PersonaRegistry:
         if config.granularity not in GRANULARITIES:
             raise PrismError(f"data.personas.granularity: {config.granularity!r} is not one of {GRANULARITIES}")
         names = list(DOMAINS) if list(config.names) == ["all"] else list(config.names)
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise PrismError(f"data.personas.names: {repeated[0]!r} is listed more than once")
         unknown = [n for n in names if n not in DOMAINS]
         if unknown:
             raise PrismError(f"data.personas.names: unknown persona {unknown[0]!r}; built-in ones are "
@@ -75,7 +78,7 @@ class PersonaRegistry:
         personas = [Persona(n, build_persona_text(DOMAINS[n], config.granularity), DOMAINS[n].category,
                             DOMAINS[n]) for n in names]
         for name, path in config.files.items():
-            if name in names:
+            if name in DOMAINS:
                 raise PrismError(f"data.personas.files.{name}: name already used by a built-in persona")
             personas.append(Persona(name, read_context_file(Path(path), f"data.personas.files.{name}"), "context"))
         return cls(personas)

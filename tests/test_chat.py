@@ -152,8 +152,6 @@ def test_invalid_placement_raises(smol_tokenizer, bad):
         ChatFormatter(smol_tokenizer, bad)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a per-call placement is not validated (chat.py "
-                                       "effective_placement treats any unknown value as 'user')")
 def test_invalid_per_call_placement_raises(smol_tokenizer):
     formatter = ChatFormatter(smol_tokenizer, "system")
     with pytest.raises(ValueError):

@@ -58,8 +58,6 @@ def test_custom_key(tmp_path):
         JsonlSink(path)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: jsonl.py JsonlSink.append writes a batch's repeated id "
-                                       "twice (and memory then disagrees with a reopened sink)")
 def test_append_duplicate_ids_within_one_batch_written_once(tmp_path):
     path = tmp_path / "out.jsonl"
     sink = JsonlSink(path)

@@ -73,14 +73,10 @@ def test_parse_query_length_bounds_follow_config():
     assert parse_query(text, QueryConfig(min_chars=10, max_chars=400, min_words=8)) is None
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: queries.py _PREFIX strips only the first '*' of a "
-                                       "markdown-bold label, leaving 'Question:** ...'")
 def test_parse_query_strips_markdown_bold_label():
     assert parse_query(f"**Question:** {Q}", CONFIG) == Q
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: queries.py _PREFIX treats a leading decimal number "
-                                       "('3.5 million') as list numbering")
 def test_parse_query_keeps_a_leading_decimal_number():
     text = "3.5 million people ride the metro daily; how many trains are needed?"
     assert parse_query(text, QueryConfig()) == text

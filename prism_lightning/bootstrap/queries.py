@@ -23,9 +23,11 @@ _FRAMES = (
     "Think of a user who needs the expert below.\n{persona}\n\nTheir request concerns {topic} and is {style}. "
     "Write that request in one or two sentences, with no preamble.",
 )
-_PREFIX = re.compile(r"^\s*(?:(?:user'?s?\s+)?(?:question|query|request|message|q)\s*#?\s*\d*\s*[:.)\-]|"
-                     r"\d+\s*[.):]|[-*•])\s*", re.IGNORECASE)
-_META = re.compile(r"^(sure|here|okay|ok|certainly|of course)\b.*|.*:\s*$", re.IGNORECASE)
+_PREFIX = re.compile(r"^\s*(?:[*_]{0,2}\s*(?:user'?s?\s+)?(?:question|query|request|message|q)\s*#?\s*\d*\s*"
+                     r"[*_]{0,2}\s*[:.)\-]\s*[*_]{0,2}|\d+\s*[.):](?=\s)|[-*•](?=\s))\s*", re.IGNORECASE)
+# Preambles ("Sure! Here is a question:") and label lines ending in a colon, never a line that asks something.
+_META = re.compile(r"^(?!.*\?)(?:(?:sure|here|okay|ok|certainly|of course)\b[^.?]*[!,.:]\s*$|.*:\s*$)",
+                   re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -79,7 +81,9 @@ def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConf
     for persona in registry:
         rows = sorted((r for r in raw if r["persona"] == persona.name), key=lambda r: r["index"])
         parsed = [q for q in (parse_query(r["text"], config) for r in rows) if q]
-        for n, query in enumerate(dedup(parsed, config.near_duplicate, seen)[:config.per_persona]):
+        kept = dedup(parsed, config.near_duplicate, list(seen))[:config.per_persona]
+        seen += [_words(q) for q in kept]  # only kept queries block later personas
+        for n, query in enumerate(kept):
             selected.append({"id": f"{persona.name}-{n:04d}", "persona": persona.name, "query": query})
     return selected
 
