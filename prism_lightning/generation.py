@@ -39,9 +39,10 @@ class DecodingConfig:
     def generation_config(self, tokenizer: Any, eos_ids: Sequence[int]) -> GenerationConfig:
         """A complete GenerationConfig with nothing left to model defaults."""
         sample = self.temperature > 0
+        # Greedy decoding gets no sampling knobs at all (transformers flags them as unused otherwise).
         return GenerationConfig(
-            do_sample=sample, temperature=self.temperature if sample else 1.0,
-            top_p=self.top_p if sample else 1.0, top_k=self.top_k if sample else 0,
+            do_sample=sample, temperature=self.temperature if sample else None,
+            top_p=self.top_p if sample else None, top_k=self.top_k if sample else None,
             repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=list(eos_ids), num_beams=1, use_cache=True)
 

@@ -46,6 +46,14 @@ def attach_lora(backbone: Backbone, settings: LoraSettings) -> Any:
     return get_peft_model(backbone.model, config)
 
 
+def as_dataclass(cls: type, value: Any) -> Any:
+    """Accept a dataclass or its mapping form (as hyperparameters and some config paths hand it over)."""
+    if isinstance(value, cls):
+        return value
+    mapping = value.as_dict() if hasattr(value, "as_dict") else dict(value)
+    return cls(**mapping)
+
+
 def lr_lambda(total_steps: int, warmup_ratio: float):
     """Linear warmup then linear decay to 0."""
     warmup = max(1, int(total_steps * warmup_ratio))
@@ -80,7 +88,8 @@ class DistillationStudent(L.LightningModule):
                  weight_decay: float = 0.01, warmup_ratio: float = 0.1) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone_config = backbone
+        self.backbone_config = as_dataclass(BackboneConfig, backbone)
+        self.lora = as_dataclass(LoraSettings, lora)
         self.model: Optional[Any] = None
         self.strict_loading = False  # checkpoints hold only trainable weights, never the frozen base
 
@@ -92,7 +101,8 @@ class DistillationStudent(L.LightningModule):
     def configure_model(self) -> None:
         """Load the backbone (once per process) and attach LoRA."""
         if self.model is None:
-            self.model = attach_lora(self.backbone, self.hparams.lora)
+            self.model = attach_lora(self.backbone, self.lora)
+            self.model.train()  # the backbone was loaded in eval mode; LoRA dropout must be live in training
 
     def student_logits(self, batch: dict) -> torch.Tensor:
         """Full-sequence logits of base + LoRA on the persona-free inputs."""
