@@ -1,0 +1,170 @@
+"""`prism bootstrap` on the real embedded model in real subprocesses: SIGKILL at every stage, resume, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+PRISM = [sys.executable, "-m", "prism_lightning.cli"]
+
+
+def write_config(tmp: Path, **judge) -> Path:
+    """A tiny bootstrap config: 2 personas x 3 queries, short generations, small batches (many kill points)."""
+    config = {
+        "trainer": {"default_root_dir": str(tmp / "run"), "logger": False},
+        "model": {"class_path": "prism_lightning.modules.PrismModule"},
+        "data": {
+            "personas": {"names": ["math", "writing"], "granularity": "half"},
+            "queries": {"per_persona": 3, "oversample": 1.5, "max_rounds": 2,
+                        "decoding": {"temperature": 0.9, "max_new_tokens": 40, "seed": 1, "batch_size": 2}},
+            "answers": {"decoding": {"temperature": 0.7, "max_new_tokens": 24, "seed": 2, "batch_size": 2}},
+            "judge": {"control_pairs": 4, "batch_size": 2, "max_answer_tokens": 32, **judge},
+        },
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*PRISM, "bootstrap", "--config", str(config), *extra], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "TERM": "dumb"})
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def stage_file(corpus: Path, stage: str) -> Path | None:
+    found = sorted((corpus / "stages").glob(f"{stage}-*.jsonl")) if (corpus / "stages").exists() else []
+    return found[0] if found else None
+
+
+def kill_during(config: Path, corpus: Path, stage: str) -> list[str]:
+    """Start a bootstrap, SIGKILL it once ``stage`` has written at least one batch; return the lines it left."""
+    proc = subprocess.Popen([*PRISM, "bootstrap", "--config", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            path = stage_file(corpus, stage)
+            if path is not None and len(lines(path)) >= 1:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return lines(path)
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    pytest.fail(f"bootstrap ended (rc={proc.returncode}) before stage {stage} wrote anything")
+
+
+@pytest.fixture(scope="module")
+def resumed_corpus(tmp_path_factory) -> dict:
+    """Kill during stage 1, 2 and 3 in turn, resuming each time; then let the run finish."""
+    tmp = tmp_path_factory.mktemp("bootstrap")
+    config = write_config(tmp)
+    corpus = tmp / "run" / "corpus"
+    survivors = {stage: kill_during(config, corpus, stage) for stage in ("queries", "answers", "judge")}
+    result = run(config)
+    return {"tmp": tmp, "config": config, "corpus": corpus, "survivors": survivors, "result": result}
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(resumed_corpus):
+    result, corpus = resumed_corpus["result"], resumed_corpus["corpus"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    for stage, before in resumed_corpus["survivors"].items():
+        after = lines(stage_file(corpus, stage))
+        ids = [json.loads(line)["id"] for line in after]
+        assert len(ids) == len(set(ids)), f"duplicated items in stage {stage}"
+        complete_before = [line for line in before if line.endswith("}")]
+        assert after[:len(complete_before)] == complete_before, f"stage {stage} lost or rewrote finished items"
+    queries = [json.loads(line) for line in lines(corpus / "queries.jsonl")]
+    answers = [json.loads(line) for line in lines(stage_file(corpus, "answers"))]
+    judged = {json.loads(line)["id"] for line in lines(stage_file(corpus, "judge"))}
+    assert {a["id"] for a in answers} == {f"{q['id']}/{p}" for q in queries for p in ("__base__", q["persona"])}
+    assert {f"{q['id']}/{q['persona']}" for q in queries} <= judged
+    assert manifest["counts"]["queries"] == len(queries) == manifest["counts"]["distill"] + \
+        manifest["counts"]["retain"]
+    assert manifest["judge"]["control_n"] == 4
+
+
+def test_manifest_and_summary(resumed_corpus):
+    result, corpus = resumed_corpus["result"], resumed_corpus["corpus"]
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["model"]["name_or_path"] == "embedded" and manifest["model"]["fingerprint"]
+    assert set(manifest["per_persona"]) == {"math", "writing"}
+    for key in ("protocol", "position_bias_rate", "tie_rate", "unparseable", "control_accuracy", "control_n"):
+        assert key in manifest["judge"]
+    assert "control accuracy" in result.stdout and "distill rate" in result.stdout
+
+
+def test_relabel_reuses_every_stage_and_one_class_error_names_the_knob(resumed_corpus):
+    corpus = resumed_corpus["corpus"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (corpus / "stages").iterdir()}
+    config = write_config(resumed_corpus["tmp"], margin=1.0e9)
+    result = run(config)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "distill (label 1) set is empty" in last and "data.judge.margin" in last
+    assert {p.name: p.stat().st_mtime_ns for p in (corpus / "stages").iterdir()} == stamps  # nothing regenerated
+    assert json.loads((corpus / "manifest.json").read_text())["counts"]["distill"] == 0
+
+
+def test_changed_answer_config_regenerates_answers_only(resumed_corpus):
+    corpus = resumed_corpus["corpus"]
+    before = {p.name for p in (corpus / "stages").iterdir()}
+    config = write_config(resumed_corpus["tmp"])
+    text = config.read_text().replace("max_new_tokens: 24", "max_new_tokens: 12")
+    config.write_text(text)
+    result = run(config)
+    after = {p.name for p in (corpus / "stages").iterdir()}
+    assert result.returncode in (0, 2), result.stderr[-2000:]
+    new = after - before
+    assert {n.split("-")[0] for n in new} == {"answers", "judge"}, new
+    assert stage_file(corpus, "queries").name in before
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path):
+    config = write_config(tmp_path)
+    config.write_text(config.read_text() + "bogus_key: 1\n")
+    result = run(config)
+    assert result.returncode != 0
+    assert "bogus_key" in result.stderr
+
+
+def test_unknown_model_path_is_one_clear_line(tmp_path):
+    result = run(write_config(tmp_path), "--data.backbone.name_or_path", str(tmp_path / "no-such-model"))
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "not found" in last and "no-such-model" in last
+
+
+def test_missing_persona_file_is_one_clear_line(tmp_path):
+    result = run(write_config(tmp_path), "--data.personas.files", json.dumps({"rag": str(tmp_path / "nope.txt")}))
+    assert result.returncode == 2
+    assert "data.personas.files.rag" in result.stderr and "not found" in result.stderr
+
+
+def test_malformed_corpus_line_names_file_and_line(resumed_corpus, tmp_path):
+    from prism_lightning.bootstrap.corpus import load_corpus
+    from prism_lightning.errors import PrismError
+
+    copy = tmp_path / "corpus"
+    copy.mkdir()
+    (copy / "manifest.json").write_text((resumed_corpus["corpus"] / "manifest.json").read_text())
+    good = lines(resumed_corpus["corpus"] / "corpus.jsonl")
+    (copy / "corpus.jsonl").write_text("\n".join([good[0], "{not json", *good[1:]]) + "\n")
+    with pytest.raises(PrismError, match=r"corpus\.jsonl:2: malformed"):
+        load_corpus(copy)
