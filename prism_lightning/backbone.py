@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -58,6 +58,19 @@ class Backbone:
     tokenizer: Any
     config: BackboneConfig
     fingerprint: str
+    adapter: Any = None  # the PEFT wrapper currently injected into ``model``, if any
+
+    def wrap(self, make: Callable[[Any], Any]) -> Any:
+        """Inject a PEFT wrapper built by ``make(base_model)``, first removing any earlier one.
+
+        PEFT edits the model in place and the backbone is shared per process, so a second wrapper on top of a
+        first would stack adapters; unloading restores the pristine base layers.
+        """
+        if self.adapter is not None:
+            self.model = self.adapter.unload()
+            self.adapter = None
+        self.adapter = make(self.model)
+        return self.adapter
 
     @property
     def reference(self) -> dict:

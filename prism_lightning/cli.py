@@ -76,6 +76,15 @@ class PrismCLI(LightningCLI):
         parser.link_arguments("data.backbone", "model.init_args.backbone", apply_on="parse")
         parser.link_arguments("data.placement", "model.init_args.placement", apply_on="parse")
 
+    def before_predict(self) -> None:
+        """Write predictions to JSONL unless the user configured a writer."""
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from prism_lightning.callbacks.prediction_writer import PredictionWriter
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
     def after_fit(self) -> None:
         """Export the trained adapter and gate, and show the held-out metrics."""
         if not self.trainer.is_global_zero:
@@ -97,7 +106,7 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
-    except PrismError as exc:
+    except (PrismError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

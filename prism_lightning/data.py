@@ -10,12 +10,14 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
 from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
 from prism_lightning.chat import ChatFormatter, Placement
+from prism_lightning.errors import PrismError
+from prism_lightning.jsonl import read_jsonl
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
 
 
@@ -30,6 +32,30 @@ def stratified_split(items: list[dict], val_fraction: float, seed: int) -> tuple
         val += group[:n_val]
         train += group[n_val:]
     return train, val
+
+
+class BalancedSampler(Sampler[int]):
+    """Draws indices with replacement so both gate classes are equally likely (minority resampling).
+
+    Seeded per epoch (Lightning calls ``set_epoch``), so a resumed run draws the same batches as an
+    uninterrupted one.
+    """
+
+    def __init__(self, labels: list[int], seed: int) -> None:
+        counts = {lab: labels.count(lab) for lab in set(labels)}
+        self.weights = torch.tensor([1.0 / counts[lab] for lab in labels], dtype=torch.double)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the draw for this epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.multinomial(self.weights, len(self.weights), True, generator=generator).tolist())
 
 
 @dataclass
@@ -98,13 +124,16 @@ class BootstrapDataModule(L.LightningDataModule):
         max_length: tokens per sequence (responses are cut to fit).
         balance: resample the minority gate class in training (paper: minority resampling).
         seed: split and sampler seed.
+        bootstrap: run or resume stages 1–3 before training; false uses ``corpus_dir`` exactly as it is.
+        predict_file: JSONL of ``{"prompt": ...}`` rows for ``prism predict``.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
                  queries: QueryConfig = QueryConfig(), answers: AnswerConfig = AnswerConfig(),
                  judge: JudgeConfig = JudgeConfig(), placement: Placement = "system",
                  corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
-                 max_length: int = 512, balance: bool = True, seed: int = 0) -> None:
+                 max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
+                 predict_file: Optional[str] = None) -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -112,6 +141,7 @@ class BootstrapDataModule(L.LightningDataModule):
         self.corpus_dir = corpus_dir
         self.val_fraction, self.batch_size, self.max_length = val_fraction, batch_size, max_length
         self.balance, self.seed = balance, seed
+        self.bootstrap, self.predict_file = bootstrap, predict_file
         self.corpus: Optional[Corpus] = None
         self.train_items: list[dict] = []
         self.val_items: list[dict] = []
@@ -133,10 +163,13 @@ class BootstrapDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build or reuse the corpus on disk (rank 0 only, as Lightning calls it)."""
-        self.build_corpus()
+        if self.bootstrap and self.predict_file is None:
+            self.build_corpus()
 
     def setup(self, stage: str) -> None:
         """Load the corpus, check both classes exist, and make the stratified split."""
+        if stage == "predict":
+            return
         self.corpus = load_corpus(self.resolve_corpus_dir())
         check_both_classes(self.corpus, self.judge_config)
         self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
@@ -153,15 +186,24 @@ class BootstrapDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training batches; the minority gate class is resampled so both classes are seen equally."""
-        sampler = None
-        if self.balance:
-            counts = {lab: sum(1 for i in self.train_items if i["label"] == lab) for lab in (0, 1)}
-            weights = [1.0 / counts[i["label"]] for i in self.train_items]
-            sampler = WeightedRandomSampler(weights, num_samples=len(self.train_items), replacement=True,
-                                            generator=torch.Generator().manual_seed(self.seed))
+        sampler = BalancedSampler([i["label"] for i in self.train_items], self.seed) if self.balance else None
         return DataLoader(self.train_items, batch_size=self.batch_size, sampler=sampler, shuffle=sampler is None,
                           collate_fn=self.collator())
 
     def val_dataloader(self) -> DataLoader:
         """Held-out batches, in corpus order."""
         return DataLoader(self.val_items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator())
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts from ``predict_file`` (one JSON object with a ``prompt`` per line)."""
+        if not self.predict_file:
+            raise PrismError("data.predict_file: set a JSONL file of {\"prompt\": ...} rows for `prism predict`")
+        path = Path(self.predict_file)
+        if not path.is_file():
+            raise PrismError(f"data.predict_file: file not found: {path}")
+        rows = read_jsonl(path)
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row.get("prompt"), str):
+                raise PrismError(f"{path}:{number}: expected a string field \"prompt\"")
+        rows = [{"id": row.get("id", str(n)), "prompt": row["prompt"]} for n, row in enumerate(rows)]
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=list)

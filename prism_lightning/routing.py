@@ -23,7 +23,9 @@ BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
 class GatedModel:
     """Base model + PRISM adapter + gate; no persona prompt and no Lightning at inference."""
 
-    def __init__(self, backbone, peft_model, gate: GateMLP, threshold: float, temperature: float) -> None:
+    def __init__(self, backbone, peft_model, gate: GateMLP, threshold: float, temperature: float,
+                 adapter_name: str = ADAPTER) -> None:
+        self.adapter_name = adapter_name
         self.backbone = backbone
         self.model = peft_model
         self.gate = gate
@@ -41,12 +43,8 @@ class GatedModel:
         bb_config = BackboneConfig(**{**config["backbone"], "device": device or "auto"})
         backbone = load_backbone(bb_config)
         check_base_model(config.get("base_model"), backbone, f"export {directory}")
-        model = backbone.model
-        if hasattr(model, "peft_config"):  # the process already wrapped this backbone (e.g. right after fit)
-            model.load_adapter(str(directory / ADAPTER_DIR), adapter_name=ADAPTER)
-            peft_model = model
-        else:
-            peft_model = PeftModel.from_pretrained(model, str(directory / ADAPTER_DIR), adapter_name=ADAPTER)
+        peft_model = backbone.wrap(
+            lambda model: PeftModel.from_pretrained(model, str(directory / ADAPTER_DIR), adapter_name=ADAPTER))
         peft_model.eval()
         g = config["gate"]
         gate = GateMLP(g["hidden_size"], g["dims"])
@@ -76,9 +74,9 @@ class GatedModel:
             probs = self.route(chunk)
             use = probs >= self.threshold if route == "gate" else torch.full_like(probs, route == "adapter",
                                                                                  dtype=torch.bool)
-            names = [ADAPTER if u else BASE for u in use.tolist()]
+            names = [self.adapter_name if u else BASE for u in use.tolist()]
             results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + start,
                                      adapter_names=names, model=self.model)
-            out += [{**r, "probability": round(float(p), 4), "route": "adapter" if n == ADAPTER else "base"}
+            out += [{**r, "probability": round(float(p), 4), "route": "base" if n == BASE else "adapter"}
                     for r, p, n in zip(results, probs.tolist(), names)]
         return out

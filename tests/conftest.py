@@ -134,3 +134,77 @@ def template_tokenizers(smol_tokenizer) -> dict:
 def template_info() -> dict[str, TemplateInfo]:
     """Name -> TemplateInfo, keyed like ``template_tokenizers``."""
     return TEMPLATES
+
+
+# --------------------------------------------------------------------------- tiny and real backbones
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0):
+    """A tiny random Llama (3 layers, hidden 64) in eval mode; the same seed gives the same weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA)).eval()
+
+
+def _backbone_key(config) -> tuple:
+    from dataclasses import asdict
+
+    return tuple(sorted(asdict(config).items()))  # the key load_backbone computes
+
+
+@pytest.fixture
+def tiny_backbones(smol_tokenizer):
+    """Factory ``make(seed=0, name=None) -> Backbone``: a tiny random Llama with the real SmolLM2 tokenizer,
+    registered in ``load_backbone``'s cache (a repeated ``name`` replaces the entry: a fresh process's load).
+    Every registered entry is removed at teardown."""
+    import uuid
+
+    from prism_lightning import backbone as bb
+
+    keys = []
+
+    def make(seed: int = 0, name: str | None = None):
+        model = make_tiny_llama(len(smol_tokenizer), seed)
+        config = bb.BackboneConfig(name_or_path=name or f"tiny-test-{uuid.uuid4().hex}")
+        backbone = bb.Backbone(model, smol_tokenizer, config, fingerprint=bb.weights_fingerprint(model))
+        key = _backbone_key(config)
+        bb._LOADED[key] = backbone
+        keys.append(key)
+        return backbone
+
+    yield make
+    for key in keys:
+        bb._LOADED.pop(key, None)
+
+
+@pytest.fixture
+def tiny_backbone(tiny_backbones):
+    """One tiny random Llama behind the ``load_backbone`` cache (seed 0)."""
+    return tiny_backbones()
+
+
+@pytest.fixture
+def real_backbone():
+    """The real embedded SmolLM2-135M-Instruct via ``load_backbone(BackboneConfig())``, never PEFT-wrapped on entry.
+
+    A test that wraps it in PEFT (``configure_model``) leaves it modified in place, so the cache entry is dropped
+    at teardown whenever that happened; the next load re-reads the cached conversion (<1 s)."""
+    from prism_lightning import backbone as bb
+
+    key = _backbone_key(bb.BackboneConfig())
+    if key in bb._LOADED and hasattr(bb._LOADED[key].model, "peft_config"):
+        bb._LOADED.pop(key)
+    backbone = bb.load_backbone(bb.BackboneConfig())
+    yield backbone
+    if hasattr(backbone.model, "peft_config"):
+        bb._LOADED.pop(key, None)
+
+
+@pytest.fixture
+def tiny_llama(smol_tokenizer):
+    """Factory ``make(seed=0)``: a tiny random Llama sized for the real tokenizer, registered nowhere."""
+    return lambda seed=0: make_tiny_llama(len(smol_tokenizer), seed)

@@ -66,7 +66,8 @@ class IntentGate(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.mlp = GateMLP(hidden_size, dims)
-        self.threshold = threshold
+        # Buffers, so calibration results travel in checkpoints and exports.
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.val_metrics = gate_metrics("val/gate_", threshold)
 

@@ -8,9 +8,10 @@ from typing import Optional, Sequence
 import torch
 
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.generation import DecodingConfig
 from prism_lightning.features import capture_layer0, gather_positions
 from prism_lightning.modules.gate import IntentGate, gate_metrics
-from prism_lightning.modules.student import DistillationStudent, LoraSettings, with_schedule
+from prism_lightning.modules.student import DistillationStudent, LoraSettings, as_dataclass, with_schedule
 
 
 class PrismModule(DistillationStudent):
@@ -32,16 +33,18 @@ class PrismModule(DistillationStudent):
         weight_decay: AdamW weight decay.
         warmup_ratio: share of steps with linear warmup.
         placement: persona placement the corpus used (linked from ``data.placement``), recorded in the export.
+        predict_decoding: decoding for ``prism predict``.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
                  temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
                  gate_lr: float = 1e-3, gate_dims: Sequence[int] = (128, 64), gate_weight: float = 1.0,
                  threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 placement: str = "system") -> None:
+                 placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig()) -> None:
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio)
         self.save_hyperparameters()
         self.placement = placement
+        self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)
         self.gate: Optional[IntentGate] = None
         self.val_gate = gate_metrics("val/gate_", threshold)
 
@@ -86,6 +89,18 @@ class PrismModule(DistillationStudent):
                   {"params": list(self.gate.parameters()), "lr": self.hparams.gate_lr}]
         optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
         return with_schedule(optimizer, self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio)
+
+    def gated(self):
+        """This module's current weights as a GatedModel (routing in mixed batches, no persona)."""
+        from prism_lightning.routing import GatedModel
+
+        return GatedModel(self.backbone, self.model, self.gate.mlp, float(self.gate.threshold),
+                          float(self.gate.temperature), adapter_name=self.model.active_adapter)
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
+        """Routed generation for a batch of ``{"id", "prompt"}`` rows."""
+        outputs = self.gated().generate([row["prompt"] for row in batch], self.predict_decoding)
+        return [{"id": row["id"], "prompt": row["prompt"], **out} for row, out in zip(batch, outputs)]
 
     def export(self, directory: Path) -> Path:
         """Write the deployable artifact (adapter, gate, routing JSON) to ``directory``."""

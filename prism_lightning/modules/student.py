@@ -41,9 +41,12 @@ def attach_lora(backbone: Backbone, settings: LoraSettings) -> Any:
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), layers_to_transform=list(range(1, n_layers)),
                         task_type="CAUSAL_LM", bias="none")
-    for p in backbone.model.parameters():
-        p.requires_grad_(False)
-    return get_peft_model(backbone.model, config)
+
+    def make(model: Any) -> Any:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return get_peft_model(model, config)
+    return backbone.wrap(make)
 
 
 def as_dataclass(cls: type, value: Any) -> Any:
