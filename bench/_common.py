@@ -60,6 +60,32 @@ def setup() -> None:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
 
+def cpu_pressure() -> float | None:
+    """Share of the last 10 s in which some runnable task waited for a CPU (Linux PSI), in percent."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+        return float(first.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_for_quiet(max_wait_s: float = 90.0, pressure_below: float = 25.0) -> dict:
+    """Wait (at most ``max_wait_s``) until CPU pressure from other jobs drops; returns what was seen.
+
+    The machine is shared, so absolute times drift with other users' load; the interleaved ratios are the
+    figures to read. This only avoids starting in the middle of someone else's burst.
+    """
+    start = time.perf_counter()
+    seen = cpu_pressure()
+    while seen is not None and seen >= pressure_below and time.perf_counter() - start < max_wait_s:
+        time.sleep(5)
+        seen = cpu_pressure()
+    waited = round(time.perf_counter() - start, 1)
+    print(f"cpu pressure avg10 at start: {seen} % (waited {waited}s); load average {os.getloadavg()[0]:.2f}",
+          flush=True)
+    return {"cpu_pressure_avg10_at_start": seen, "waited_s": waited, "load_average_at_start": os.getloadavg()[0]}
+
+
 def load() -> Any:
     """The embedded SmolLM2-135M-Instruct backbone (cached per process by the library)."""
     from prism_lightning.backbone import BackboneConfig, load_backbone
@@ -88,8 +114,10 @@ def interleaved(variants: dict[str, Callable[[], Any]], reps: int = 3, log: bool
             out[name]["result"] = variants[name]()
             elapsed = time.perf_counter() - start
             out[name]["times_s"].append(round(elapsed, 4))
+            out[name].setdefault("cpu_pressure_avg10", []).append(cpu_pressure())
             if log:
-                print(f"  rep {rep + 1}/{reps} {name}: {elapsed:.2f}s", flush=True)
+                print(f"  rep {rep + 1}/{reps} {name}: {elapsed:.2f}s (cpu pressure avg10 {cpu_pressure()} %)",
+                      flush=True)
     for name in names:
         out[name]["median_s"] = round(statistics.median(out[name]["times_s"]), 4)
     return out
@@ -122,7 +150,7 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
-            "load_average_at_end": list(os.getloadavg())}
+            "load_average_at_end": list(os.getloadavg()), "cpu_pressure_avg10_at_end": cpu_pressure()}
 
 
 def write_results(script: str, payload: dict, merge: bool = False) -> Path:

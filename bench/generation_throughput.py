@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from _common import QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, write_results
+from _common import (QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
+                     write_results)
 
 TARGET = 6.0
 
@@ -37,6 +38,7 @@ def main() -> None:
 
     print(f"16 prompts ({min(map(len, prompts))}-{max(map(len, prompts))} prompt tokens), greedy, "
           f"max_new_tokens={decoding.max_new_tokens}")
+    start_conditions = wait_for_quiet()
     timing = interleaved({"batched_16": batched, "per_item_1": per_item}, reps=args.reps)
 
     rows, summary = [], {}
@@ -62,7 +64,7 @@ def main() -> None:
         "config": {"prompts": len(prompts), "max_new_tokens": decoding.max_new_tokens, "temperature": 0,
                    "batch_size": 16, "reps": args.reps,
                    "prompt_tokens": [len(p) for p in prompts]},
-        "variants": summary, "timing": strip_results(timing),
+        "start_conditions": start_conditions, "variants": summary, "timing": strip_results(timing),
         "throughput_ratio_batched_over_per_item": round(speedup, 3),
         "wall_ratio_per_item_over_batched": wall,
         "identical_texts": same_text,

@@ -75,7 +75,7 @@ class Collator:
         teacher = self.formatter.encode(item["query"], response, persona)
         room = self.max_length - max(student.prompt_len, teacher.prompt_len)
         if room < 1:
-            raise ValueError(f"item {item['id']}: prompt longer than data.max_length={self.max_length}")
+            raise PrismError(f"item {item['id']}: prompt longer than data.max_length={self.max_length}; raise it")
         n_resp = min(len(student.response_ids), room)
         return {"student": student.input_ids[:student.prompt_len + n_resp], "s_start": student.prompt_len,
                 "teacher": teacher.input_ids[:teacher.prompt_len + n_resp], "t_start": teacher.prompt_len,

@@ -195,12 +195,15 @@ def real_backbone():
     at teardown whenever that happened; the next load re-reads the cached conversion (<1 s)."""
     from prism_lightning import backbone as bb
 
+    def wrapped(backbone) -> bool:
+        return getattr(backbone, "adapter", None) is not None or hasattr(backbone.model, "peft_config")
+
     key = _backbone_key(bb.BackboneConfig())
-    if key in bb._LOADED and hasattr(bb._LOADED[key].model, "peft_config"):
+    if key in bb._LOADED and wrapped(bb._LOADED[key]):
         bb._LOADED.pop(key)
     backbone = bb.load_backbone(bb.BackboneConfig())
     yield backbone
-    if hasattr(backbone.model, "peft_config"):
+    if wrapped(backbone):
         bb._LOADED.pop(key, None)
 
 
@@ -208,3 +211,14 @@ def real_backbone():
 def tiny_llama(smol_tokenizer):
     """Factory ``make(seed=0)``: a tiny random Llama sized for the real tokenizer, registered nowhere."""
     return lambda seed=0: make_tiny_llama(len(smol_tokenizer), seed)
+
+
+class StopAfterEpoch(__import__("lightning").pytorch.callbacks.Callback):
+    """Test helper: end fit cleanly after ``epochs`` epochs, as an interruption would (checkpoint kept)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True

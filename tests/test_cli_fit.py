@@ -1,0 +1,180 @@
+"""`prism fit | validate | export | --print_config` through the real CLI on a tiny model saved as a local directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prism_lightning.cli import main
+from prism_lightning.personas import PersonaConfig, PersonaRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "models").glob("*.yaml"))
+STRATEGIES = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
+
+
+def save_tiny_model(path: Path, tokenizer, seed: int) -> Path:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(smol_tokenizer, tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", smol_tokenizer, seed=0)
+
+
+def write_corpus(directory: Path, labels: list[int]) -> Path:
+    """A hand-made corpus (what stages 1-3 would write), so fit tests do not depend on generation."""
+    directory.mkdir(parents=True, exist_ok=True)
+    personas = {p.name: p.text for p in PersonaRegistry.from_config(PersonaConfig(names=["math", "writing"]))}
+    items = []
+    for n, label in enumerate(labels):
+        persona = ["math", "writing"][n % 2]
+        items.append({"id": f"{persona}-{n:04d}", "persona": persona, "target_persona": persona, "label": label,
+                      "margin": 0.1 if label else -0.1, "query": f"Question number {n}: how does item {n} work?",
+                      "persona_answer": f"A careful expert answer about item {n}, step by step.",
+                      "baseline_answer": f"Item {n} works fine."})
+    (directory / "corpus.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (directory / "manifest.json").write_text(json.dumps({"personas": personas, "counts": {
+        "queries": len(items), "distill": sum(labels), "retain": len(labels) - sum(labels)}}))
+    return directory
+
+
+def fit_config(tmp: Path, model_dir: Path, corpus: Path, epochs: int = 2, extra_callbacks=()) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(tmp / "run"), "max_epochs": epochs, "accelerator": "cpu", "devices": 1,
+            "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(tmp / "logs"), "name": "", "version": ""}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(tmp / "run" / "checkpoints"), "save_last": True,
+                                         "save_top_k": 0}}, *extra_callbacks],
+        },
+        "model": {"class_path": "prism_lightning.modules.PrismModule",
+                  "init_args": {"lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "lr": 1e-3, "top_k": 16}},
+        "data": {"backbone": {"name_or_path": str(model_dir)},
+                 "personas": {"names": ["math", "writing"], "granularity": "min"},
+                 "corpus_dir": str(corpus), "bootstrap": False, "batch_size": 2, "max_length": 128,
+                 "val_fraction": 0.25},
+    }
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train_losses(tmp: Path) -> dict[int, float]:
+    import csv
+
+    rows = list(csv.DictReader((tmp / "logs" / "metrics.csv").open()))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_print_config_round_trips(config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    first = capsys.readouterr().out
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert capsys.readouterr().out == first
+    assert yaml.safe_load(first)["model"]["class_path"] == "prism_lightning.modules.PrismModule"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.name)
+def test_strategy_fragments_compose(strategy, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(strategy),
+              "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["strategy"] == yaml.safe_load(strategy.read_text())["trainer"]["strategy"]
+
+
+def test_fit_exports_and_user_callback_fires(tiny_model, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
+    hooks = tmp_path / "hooks.json"
+    recorder = {"class_path": "prism_lightning.callbacks.example.HookRecorder", "init_args": {"path": str(hooks)}}
+    main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, extra_callbacks=[recorder]))])
+    fired = [e["hook"] for e in json.loads(hooks.read_text())]
+    assert fired[0] == "on_fit_start" and fired[-1] == "on_fit_end"
+    assert fired.count("on_train_epoch_end") == 2 and "on_validation_end" in fired
+    export = tmp_path / "run" / "export"
+    for name in ("prism.json", "gate.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (export / name).is_file(), name
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert all("lora_" in k or k.startswith("gate.") for k in ckpt["state_dict"]), "frozen base in checkpoint"
+    assert ckpt["optimizer_states"] and ckpt["prism_base_model"]["fingerprint"]
+    # A fresh process loads the export with GatedModel, no Lightning, and generates with routing.
+    code = ("import json,sys; from prism_lightning import GatedModel; from prism_lightning.generation import "
+            "DecodingConfig; m = GatedModel.from_pretrained(sys.argv[1]); "
+            "print(json.dumps(m.generate(['hello there', 'what is two plus two?'], DecodingConfig(max_new_tokens=4))))")
+    out = subprocess.run([sys.executable, "-c", code, str(export)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 and all(r["route"] in ("adapter", "base") and 0 <= r["probability"] <= 1 for r in rows)
+    assert "lightning" not in out.stderr.lower() or "Traceback" not in out.stderr
+
+
+def test_interrupted_and_resumed_fit_matches_uninterrupted(tiny_model, tmp_path):
+    """Tolerance 1e-5 on every logged training loss (dropout 0; the sampler is seeded per epoch)."""
+    corpus = write_corpus(tmp_path / "corpus", [1, 0, 0] * 4)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    main(["fit", "--config", str(fit_config(straight, tiny_model, corpus, epochs=3))])
+    stop = {"class_path": "conftest.StopAfterEpoch", "init_args": {"epochs": 1}}
+    main(["fit", "--config", str(fit_config(interrupted, tiny_model, corpus, epochs=3, extra_callbacks=[stop]))])
+    first_leg = train_losses(interrupted)
+    assert 0 < len(first_leg) < 9
+    main(["fit", "--config", str(fit_config(interrupted, tiny_model, corpus, epochs=3)), "--ckpt_path", "last"])
+    resumed = {**first_leg, **train_losses(interrupted)}
+    expected = train_losses(straight)
+    assert len(expected) >= 9 and set(resumed) == set(expected)
+    for step, loss in expected.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+
+
+def test_one_class_corpus_names_the_knob(tiny_model, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", [1] * 8)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus))])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "retain (label 0) set is empty" in err and "data.judge.margin" in err
+
+
+def test_checkpoint_for_another_base_model_is_refused(tiny_model, smol_tokenizer, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)
+    main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=1))])
+    other = save_tiny_model(tmp_path / "other", smol_tokenizer, seed=1)
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "--config", str(fit_config(tmp_path, tiny_model, corpus)),
+              "--data.backbone.name_or_path", str(other), "--ckpt_path", "last"])
+    assert done.value.code == 2
+    assert "made for base model" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_naming_step_and_batch(tiny_model, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=1)), "--model.init_args.lr",
+              "1e30", "--model.init_args.gate_lr", "1e30", "--model.init_args.warmup_ratio", "0"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "global step" in err and "batch" in err

@@ -1,0 +1,325 @@
+"""Collator alignment, DistillationStudent/PrismModule losses and checkpoints, and IntentGate training."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from prism_lightning.backbone import BackboneConfig
+from prism_lightning.chat import ChatFormatter
+from prism_lightning.data import Collator
+from prism_lightning.errors import PrismError
+from prism_lightning.losses import kl_divergence, response_logits
+from prism_lightning.modules import IntentGate, LoraSettings, PrismModule
+from prism_lightning.modules.student import ALL_PROJECTIONS
+from prism_lightning.personas import PersonaConfig, PersonaRegistry
+
+GEN_PROMPT = "<|im_start|>assistant\n"
+PERSONAS = {"math": "You are a meticulous mathematician who proves every step.",
+            "coding": "You are a senior Python engineer who writes small, tested functions."}
+
+
+def _item(item_id: str, label: int, persona: str = "math", query: str = "How do I add two fractions?",
+          persona_answer: str = "Find a common denominator, rewrite both fractions over it, then add numerators.",
+          baseline_answer: str = "Add them together.") -> dict:
+    return {"id": item_id, "query": query, "label": label, "target_persona": persona,
+            "persona_answer": persona_answer, "baseline_answer": baseline_answer}
+
+
+ITEMS = [
+    _item("d-math", 1),
+    _item("d-code", 1, "coding", "Write a function that reverses a list in Python.",
+          "Use slicing: def rev(xs): return xs[::-1]. It returns a new list and leaves the input unchanged.",
+          "Reverse it."),
+    _item("r-0", 0, "math", "What is the capital of France?", "Paris, the capital since the Middle Ages.",
+          "The capital of France is Paris."),
+]
+
+
+@pytest.fixture
+def formatter(smol_tokenizer) -> ChatFormatter:
+    return ChatFormatter(smol_tokenizer)
+
+
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# --------------------------------------------------------------------------- Collator
+def test_student_and_teacher_share_every_response_token(formatter):
+    batch = Collator(formatter, PERSONAS, max_length=512)(ITEMS)
+    s_ids, t_ids = batch["student_ids"], batch["teacher_ids"]
+    mask = batch["response_mask"]
+    for b, item in enumerate(ITEMS):
+        answer = item["persona_answer"] if item["label"] else item["baseline_answer"]
+        expected = formatter.response_ids(answer)
+        assert int(mask[b].sum()) == len(expected)
+        steps = mask[b].nonzero().flatten()
+        student_tokens = s_ids[b, batch["student_pos"][b, steps] + 1]
+        teacher_tokens = t_ids[b, batch["teacher_pos"][b, steps] + 1]
+        assert student_tokens.tolist() == teacher_tokens.tolist() == expected
+        # The masks cover exactly prompt + response on each side (right padding).
+        assert int(batch["student_mask"][b].sum()) == int(batch["student_pos"][b, steps[-1]]) + 2
+        assert int(batch["teacher_mask"][b].sum()) == int(batch["teacher_pos"][b, steps[-1]]) + 2
+    # Distill rows put the persona in the teacher prompt (replacing the template's default system prompt),
+    # so the two prompts differ in length and the alignment is not a trivial identity.
+    for b in (0, 1):
+        assert (batch["teacher_pos"][b] != batch["student_pos"][b]).all()
+    assert batch["label"].tolist() == [1.0, 1.0, 0.0]
+    assert batch["ids"] == ["d-math", "d-code", "r-0"]
+
+
+def test_feature_position_is_the_last_generation_prompt_token(formatter, smol_tokenizer):
+    batch = Collator(formatter, PERSONAS)(ITEMS)
+    gen_ids = smol_tokenizer(GEN_PROMPT, add_special_tokens=False)["input_ids"]
+    for b, item in enumerate(ITEMS):
+        pos = int(batch["feature_pos"][b])
+        prompt = batch["student_ids"][b, :pos + 1].tolist()
+        assert prompt == formatter.prompt_ids(item["query"])  # persona-free prompt, as at inference
+        assert prompt[-len(gen_ids):] == gen_ids
+        assert _decode(smol_tokenizer, prompt).endswith(GEN_PROMPT)
+        # The next token is already the response, and the first response step is predicted right here.
+        assert int(batch["student_pos"][b, 0]) == pos
+        answer = item["persona_answer"] if item["label"] else item["baseline_answer"]
+        assert int(batch["student_ids"][b, pos + 1]) == formatter.response_ids(answer)[0]
+
+
+def test_distill_items_give_the_persona_to_the_teacher_only(formatter, smol_tokenizer):
+    batch = Collator(formatter, PERSONAS)(ITEMS)
+    for b, name in ((0, "math"), (1, "coding")):
+        teacher = _decode(smol_tokenizer, batch["teacher_ids"][b][batch["teacher_mask"][b].bool()].tolist())
+        student = _decode(smol_tokenizer, batch["student_ids"][b][batch["student_mask"][b].bool()].tolist())
+        assert PERSONAS[name] in teacher
+        assert not any(p in student for p in PERSONAS.values())
+        assert ITEMS[b]["persona_answer"] in student and ITEMS[b]["persona_answer"] in teacher
+
+
+def test_retain_items_use_the_baseline_answer_and_no_persona(formatter, smol_tokenizer):
+    batch = Collator(formatter, PERSONAS)(ITEMS)
+    b = 2
+    s_len, t_len = int(batch["student_mask"][b].sum()), int(batch["teacher_mask"][b].sum())
+    assert s_len == t_len
+    assert torch.equal(batch["student_ids"][b, :s_len], batch["teacher_ids"][b, :t_len])
+    assert torch.equal(batch["student_pos"][b], batch["teacher_pos"][b])
+    text = _decode(smol_tokenizer, batch["teacher_ids"][b, :t_len].tolist())
+    assert ITEMS[b]["baseline_answer"] in text
+    assert ITEMS[b]["persona_answer"] not in text
+    assert not any(p in text for p in PERSONAS.values())
+
+
+def test_max_length_truncates_only_the_response(formatter):
+    item = ITEMS[1]
+    teacher_prompt = formatter.prompt_ids(item["query"], PERSONAS["coding"])
+    student_prompt = formatter.prompt_ids(item["query"])
+    longest = max(len(teacher_prompt), len(student_prompt))
+    response = formatter.response_ids(item["persona_answer"])
+    keep = 5
+    assert len(response) > keep
+    batch = Collator(formatter, PERSONAS, max_length=longest + keep)([item])
+    assert int(batch["response_mask"].sum()) == keep
+    assert batch["teacher_ids"][0].tolist() == teacher_prompt + response[:keep]
+    assert batch["student_ids"][0].tolist() == student_prompt + response[:keep]
+    assert int(batch["feature_pos"][0]) == len(student_prompt) - 1
+    # A prompt that does not fit is an error naming the item, never a silently cut prompt.
+    with pytest.raises((PrismError, ValueError), match="d-code"):
+        Collator(formatter, PERSONAS, max_length=longest)([item])
+
+
+# --------------------------------------------------------------------------- tiny PrismModule
+def _randomise_lora_b(peft_model, seed: int = 0, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def tiny_prism(tiny_backbone):
+    def make(**kwargs) -> PrismModule:
+        module = PrismModule(backbone=tiny_backbone.config, lora=LoraSettings(rank=4, alpha=8), **kwargs)
+        module.configure_model()
+        return module
+    return make
+
+
+@pytest.fixture
+def tiny_batch(tiny_backbone):
+    collator = Collator(ChatFormatter(tiny_backbone.tokenizer), PERSONAS, max_length=128)
+    return collator([ITEMS[0], ITEMS[2]])  # one distill row, one retain row
+
+
+def test_distill_kl_uses_the_frozen_base_with_persona_as_teacher(tiny_prism, tiny_batch, tiny_llama):
+    module = tiny_prism()
+    _randomise_lora_b(module.model)
+    module.model.eval()
+    with torch.no_grad():
+        student = module.student_logits(tiny_batch)
+        out = module.distill_loss(tiny_batch, student)
+        # Independent teacher: an untouched copy of the same base weights on the persona prompt.
+        pristine = tiny_llama(0)
+        teacher = pristine(input_ids=tiny_batch["teacher_ids"], attention_mask=tiny_batch["teacher_mask"]).logits
+    rows = tiny_batch["response_mask"] & (tiny_batch["label"] > 0.5)[:, None]
+    expected = kl_divergence(response_logits(teacher, tiny_batch["teacher_pos"])[rows],
+                             response_logits(student, tiny_batch["student_pos"])[rows], 2.0, 64).mean()
+    assert set(out) == {"kl", "loss"}
+    torch.testing.assert_close(out["kl"], expected, atol=1e-5, rtol=1e-5)
+    assert out["kl"] > 1e-3
+
+
+def test_retain_weight_adds_a_retain_kl_term(tiny_prism, tiny_batch):
+    module = tiny_prism(retain_weight=0.5)
+    module.model.eval()
+    with torch.no_grad():
+        at_init = module.distill_loss(tiny_batch, module.student_logits(tiny_batch))
+    assert set(at_init) == {"kl", "retain_kl", "loss"}
+    # LoRA B = 0: the student is the base, and the retain teacher is the base without persona -> 0.
+    assert at_init["retain_kl"].abs() < 1e-6
+    _randomise_lora_b(module.model)
+    with torch.no_grad():
+        out = module.distill_loss(tiny_batch, module.student_logits(tiny_batch))
+    assert out["retain_kl"] > 1e-3
+    torch.testing.assert_close(out["loss"], out["kl"] + 0.5 * out["retain_kl"])
+
+    without = tiny_prism(retain_weight=0.0)
+    assert "retain_kl" not in without.distill_loss(tiny_batch, without.student_logits(tiny_batch))
+
+
+def test_distill_loss_without_distill_rows_is_zero_with_a_graph(tiny_prism, tiny_backbone):
+    module = tiny_prism()
+    batch = Collator(ChatFormatter(tiny_backbone.tokenizer), PERSONAS)([ITEMS[2]])
+    out = module.distill_loss(batch, module.student_logits(batch))
+    assert out["kl"].item() == 0.0 and out["kl"].requires_grad
+
+
+def test_training_step_trains_lora_and_gate(tiny_prism, tiny_batch):
+    module = tiny_prism()
+    loss = module.training_step(tiny_batch, 0)
+    loss.backward()
+    lora_grads = [p.grad for n, p in module.model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert any(g.abs().sum() > 0 for g in lora_grads)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.gate.parameters())
+    base = [p for n, p in module.model.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None and not p.requires_grad for p in base)
+
+
+def test_nan_logits_stop_training_naming_step_and_batch(tiny_prism, tiny_batch, monkeypatch):
+    module = tiny_prism()
+    original = module.student_logits
+    monkeypatch.setattr(module, "student_logits", lambda batch: original(batch) * float("nan"))
+    with pytest.raises(PrismError) as info:
+        module.training_step(tiny_batch, 7)
+    message = str(info.value)
+    assert "global step 0" in message and "batch 7" in message and "d-math" in message
+    # Finite losses pass; infinite ones are refused too.
+    module.check_finite(torch.tensor(1.5), tiny_batch, 0)
+    with pytest.raises(PrismError, match="batch 2"):
+        module.check_finite(torch.tensor(float("inf")), tiny_batch, 2)
+
+
+def test_checkpoint_keeps_only_trainable_weights_and_the_base_reference(tiny_prism, tiny_backbone):
+    module = tiny_prism()
+    _randomise_lora_b(module.model)
+    checkpoint = {"state_dict": module.state_dict()}
+    assert any("embed_tokens" in k for k in checkpoint["state_dict"])  # the full dict holds the base
+    module.on_save_checkpoint(checkpoint)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all("lora_" in k or k.startswith("gate.") for k in keys)
+    n_lora = 2 * len(ALL_PROJECTIONS) * 2  # lora_A and lora_B on 7 projections of layers 1 and 2
+    assert sum("lora_" in k for k in keys) == n_lora
+    gate_keys = {k for k in keys if k.startswith("gate.")}
+    assert gate_keys == {f"gate.{k}" for k in module.gate.state_dict()}  # the whole gate, calibration included
+    assert {f"gate.mlp.net.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")} | {"gate.temperature"} <= gate_keys
+    assert checkpoint["prism_base_model"] == tiny_backbone.reference
+
+    # The kept weights restore the trained state.
+    saved = {k: v.clone() for k, v in checkpoint["state_dict"].items()}
+    _randomise_lora_b(module.model, seed=1)
+    module.on_load_checkpoint(checkpoint)  # same base: accepted
+    module.load_state_dict(saved, strict=False)
+    current = module.state_dict()
+    assert all(torch.equal(current[k], v) for k, v in saved.items())
+
+    other = dict(checkpoint, prism_base_model={**tiny_backbone.reference, "fingerprint": "0123456789abcdef"})
+    with pytest.raises(PrismError, match="made for base model"):
+        module.on_load_checkpoint(other)
+    with pytest.raises(PrismError, match="records no base model"):
+        module.on_load_checkpoint({"state_dict": saved})
+
+
+# --------------------------------------------------------------------------- real model: the persona matters
+@pytest.mark.slow
+def test_teacher_sees_the_persona_on_the_real_model(real_backbone):
+    module = PrismModule(backbone=BackboneConfig())
+    module.configure_model()
+    assert module.model.get_base_model() is real_backbone.model
+    n_layers = len(real_backbone.decoder_layers())
+    lora_layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in module.model.named_modules()
+                   if n.endswith("lora_A")}
+    assert lora_layers == set(range(1, n_layers))
+    assert module.gate.hparams.hidden_size == real_backbone.model.config.hidden_size
+
+    registry = PersonaRegistry.from_config(PersonaConfig(names=["math"]))
+    persona = registry["math"].text
+    formatter = ChatFormatter(real_backbone.tokenizer)
+    assert len(formatter.tokenizer(persona)["input_ids"]) > 100  # a long persona
+    item = _item("real-1", 1, "math", "What is 17 times 23?",
+                 "Break it up: 17 x 23 = 17 x 20 + 17 x 3 = 340 + 51 = 391. So the product is 391.")
+
+    with_persona = Collator(formatter, {p.name: p.text for p in registry})([item])
+    no_persona = Collator(formatter, {"math": ""})([item])  # the reference-code bug: a persona-less teacher
+    assert with_persona["teacher_ids"].shape[1] > no_persona["teacher_ids"].shape[1]
+    with torch.no_grad():
+        kl = module.distill_loss(with_persona, module.student_logits(with_persona))["kl"]
+        kl_none = module.distill_loss(no_persona, module.student_logits(no_persona))["kl"]
+    assert kl > 1e-3
+    assert kl_none.abs() < 1e-6
+
+
+# --------------------------------------------------------------------------- IntentGate alone
+def _blobs(n: int, dim: int, seed: int, positive_share: float = 0.5) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) < positive_share).float()
+    centre = torch.randn(dim, generator=torch.Generator().manual_seed(123))
+    features = torch.randn(n, dim, generator=g) + (labels[:, None] * 2 - 1) * centre * 1.5
+    return [{"features": f, "label": y} for f, y in zip(features, labels)]
+
+
+def test_gate_mlp_shape():
+    gate = IntentGate(hidden_size=24)
+    layers = list(gate.mlp.net)
+    assert [type(m) for m in layers] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in layers if isinstance(m, nn.Linear)] == [(24, 128), (128, 64),
+                                                                                            (64, 1)]
+    x = torch.randn(5, 24)
+    assert gate(x).shape == (5,)
+    # The temperature divides the logits: P = sigmoid(mlp(x) / T).
+    gate.temperature.fill_(2.0)
+    torch.testing.assert_close(gate.probability(x), torch.sigmoid(gate.mlp(x) / 2.0))
+    assert gate(x.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_gate_trains_alone_on_separable_features():
+    dim = 16
+    L.seed_everything(0, workers=True)
+    train = DataLoader(_blobs(256, dim, seed=1), batch_size=32, shuffle=True)
+    val_items = _blobs(120, dim, seed=2, positive_share=0.25)  # imbalanced: balanced accuracy differs from acc
+    val = DataLoader(val_items, batch_size=64)
+    gate = IntentGate(hidden_size=dim)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=30, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(gate, train, val)
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/gate_balanced_acc"]) > 0.9
+    assert float(metrics["val/gate_auroc"]) > 0.9
+    # The logged balanced accuracy is the mean per-class recall of the trained gate.
+    feats = torch.stack([i["features"] for i in val_items])
+    labels = torch.stack([i["label"] for i in val_items]).bool()
+    with torch.no_grad():
+        pred = gate.probability(feats) >= 0.5
+    recall = [(pred[labels] == 1).float().mean(), (pred[~labels] == 0).float().mean()]
+    assert float(metrics["val/gate_balanced_acc"]) == pytest.approx(float(sum(recall) / 2), abs=1e-6)
