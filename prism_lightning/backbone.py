@@ -202,7 +202,7 @@ def load_backbone(config: BackboneConfig) -> Backbone:
         return _LOADED[key]
     start = time.perf_counter()
     model, tokenizer = _load(config)
-    model.eval()
+    model.to(resolve_device(config.device)).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     backbone = Backbone(model=model, tokenizer=tokenizer, config=config, fingerprint=weights_fingerprint(model))

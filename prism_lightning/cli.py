@@ -38,12 +38,23 @@ class PrismTrainer(L.Trainer):
         """
         path = resolve_checkpoint(self.default_root_dir, ckpt_path)
         model.configure_model()
-        import torch
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(path)
         model.on_load_checkpoint(checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=False)
         out = model.export(Path(export_dir or Path(self.default_root_dir) / "export"))
         Console().print(f"exported {path} -> {out}")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """``torch.load`` with ``weights_only=True``; our config dataclasses are the only extra types allowed."""
+    import torch
+
+    from prism_lightning.backbone import BackboneConfig
+    from prism_lightning.generation import DecodingConfig
+    from prism_lightning.modules.student import LoraSettings
+
+    with torch.serialization.safe_globals([BackboneConfig, LoraSettings, DecodingConfig]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def resolve_checkpoint(root: str, ckpt_path: str) -> Path:

