@@ -101,7 +101,8 @@ class PrismCLI(LightningCLI):
         if not self.trainer.is_global_zero:
             return
         out = self.model.export(Path(self.trainer.default_root_dir) / "export")
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        shown = ("val/", "disc/", "calibration/", "routing/")
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(shown)}
         table = Table(title="held-out validation (last epoch)")
         table.add_column("metric")
         table.add_column("value", justify="right")

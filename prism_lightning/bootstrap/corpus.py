@@ -176,6 +176,7 @@ class CorpusBuilder:
             "placement": self.placement,
             "answer_mode": self.answers.mode,
             "personas": {p.name: p.text for p in self.registry},
+            "categories": {p.name: p.category for p in self.registry},
             "counts": {"queries": len(queries), "distill": distill, "retain": len(items) - distill},
             "per_persona": per_persona,
             "judge": {"protocol": self.judge.protocol, "margin": self.judge.margin,

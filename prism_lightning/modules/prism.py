@@ -47,6 +47,8 @@ class PrismModule(DistillationStudent):
         self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)
         self.gate: Optional[IntentGate] = None
         self.val_gate = gate_metrics("val/gate_", threshold)
+        # Raw gate logits of the current validation pass, for calibration and routing callbacks.
+        self.val_gate_outputs: list[dict] = []
 
     def configure_model(self) -> None:
         """Attach LoRA and build the gate for this backbone's hidden size."""
@@ -72,9 +74,15 @@ class PrismModule(DistillationStudent):
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["ids"]))
         return out["loss"]
 
+    def on_validation_epoch_start(self) -> None:
+        """Start collecting this pass's gate outputs."""
+        self.val_gate_outputs = []
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out losses and gate metrics."""
         out, features = self.shared_step(batch)
+        self.val_gate_outputs.append({"ids": batch["ids"], "logits": self.gate.mlp(features).detach().cpu(),
+                                      "labels": batch["label"].detach().cpu()})
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
         self.val_gate.update(self.gate.probability(features), batch["label"].long())
 

@@ -1,0 +1,67 @@
+"""GateCalibration: ECE and reliability diagram on the val split, temperature scaling, threshold selection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from prism_lightning.calibration import (expected_calibration_error, fit_temperature, reliability_diagram,
+                                         select_threshold)
+
+
+class GateCalibration(Callback):
+    """After each validation pass, calibrate the gate on the held-out split and store T and threshold in it.
+
+    The gate's ``temperature`` and ``threshold`` are buffers, so the result travels in the checkpoint and the
+    export. Training is unaffected: the gate's loss uses the raw logits.
+
+    Args:
+        method: ``balanced_accuracy`` (threshold with the best balanced accuracy) or ``routing_rate``.
+        target_rate: share of items to route to the adapter (``routing_rate`` only).
+        n_bins: bins for ECE and the reliability diagram.
+        scale_temperature: fit a temperature; false keeps T = 1 and only picks the threshold.
+        plot: write ``<default_root_dir>/calibration/reliability_epoch<N>.png``.
+    """
+
+    def __init__(self, method: Literal["balanced_accuracy", "routing_rate"] = "balanced_accuracy",
+                 target_rate: Optional[float] = None, n_bins: int = 10, scale_temperature: bool = True,
+                 plot: bool = True) -> None:
+        if method == "routing_rate" and (target_rate is None or not 0 < target_rate < 1):
+            raise ValueError("GateCalibration: method routing_rate needs 0 < target_rate < 1")
+        self.method, self.target_rate, self.n_bins = method, target_rate, n_bins
+        self.scale_temperature, self.plot = scale_temperature, plot
+        self.last: dict = {}
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Calibrate on this pass's held-out gate logits."""
+        outputs = getattr(pl_module, "val_gate_outputs", [])
+        if trainer.sanity_checking or not outputs:
+            return
+        logits = torch.cat([o["logits"] for o in outputs])
+        labels = torch.cat([o["labels"] for o in outputs])
+        if labels.min() == labels.max():
+            return  # one class only: nothing to calibrate against
+        before = expected_calibration_error(torch.sigmoid(logits), labels, self.n_bins)
+        temperature = fit_temperature(logits, labels) if self.scale_temperature else 1.0
+        probs = torch.sigmoid(logits / temperature)
+        after = expected_calibration_error(probs, labels, self.n_bins)
+        threshold = select_threshold(probs, labels, self.method, self.target_rate)
+        gate = pl_module.gate
+        gate.temperature.fill_(temperature)
+        gate.threshold.fill_(threshold)
+        self.last = {"epoch": trainer.current_epoch, "ece_before": before, "ece_after": after,
+                     "temperature": temperature, "threshold": threshold, "n": len(labels),
+                     "routing_rate": float((probs >= threshold).float().mean())}
+        pl_module.log_dict({f"calibration/{k}": float(v) for k, v in self.last.items() if k != "epoch"})
+        if trainer.is_global_zero:
+            directory = Path(trainer.default_root_dir) / "calibration"
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "calibration.json").write_text(json.dumps(self.last, indent=1))
+            if self.plot:
+                reliability_diagram(probs, labels, directory / f"reliability_epoch{trainer.current_epoch}.png",
+                                    self.n_bins, f"ECE {before:.3f} -> {after:.3f}, T={temperature:.2f}, "
+                                                 f"threshold {threshold:.2f}")
