@@ -69,21 +69,38 @@ def cpu_pressure() -> float | None:
         return None
 
 
-def wait_for_quiet(max_wait_s: float = 90.0, pressure_below: float = 25.0) -> dict:
-    """Wait (at most ``max_wait_s``) until CPU pressure from other jobs drops; returns what was seen.
+def idle_share(window_s: float = 3.0) -> float | None:
+    """Share of all CPUs left idle over ``window_s`` seconds (/proc/stat): other users' load before we start."""
+    def snapshot() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+    try:
+        idle0, total0 = snapshot()
+        time.sleep(window_s)
+        idle1, total1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(1, total1 - total0)
 
-    The machine is shared, so absolute times drift with other users' load; the interleaved ratios are the
-    figures to read. This only avoids starting in the middle of someone else's burst.
+
+def wait_for_quiet(max_wait_s: float = 90.0, idle_at_least: float = 0.85, log: bool = True) -> dict:
+    """Wait (at most ``max_wait_s``) until other jobs leave the CPUs idle; returns what was seen.
+
+    The machine is shared. Torch's 2 OpenMP threads stall at every barrier when another process holds one of
+    the 2 cores, so a single busy neighbour can slow a decode step 10x; the interleaved ratios are the figures to
+    read, and the JSON records the idle share seen before starting so a reader can discard a contended run.
     """
     start = time.perf_counter()
-    seen = cpu_pressure()
-    while seen is not None and seen >= pressure_below and time.perf_counter() - start < max_wait_s:
-        time.sleep(5)
-        seen = cpu_pressure()
+    idle = idle_share()
+    while idle is not None and idle < idle_at_least and time.perf_counter() - start < max_wait_s:
+        idle = idle_share(5.0)
     waited = round(time.perf_counter() - start, 1)
-    print(f"cpu pressure avg10 at start: {seen} % (waited {waited}s); load average {os.getloadavg()[0]:.2f}",
-          flush=True)
-    return {"cpu_pressure_avg10_at_start": seen, "waited_s": waited, "load_average_at_start": os.getloadavg()[0]}
+    quiet = idle is None or idle >= idle_at_least
+    if log or not quiet:
+        print(f"idle CPU share before start: {idle if idle is None else round(idle, 3)} (waited {waited}s)"
+              f"{'' if quiet else ' -- WARNING: machine busy with other jobs, timings will be noisy'}", flush=True)
+    return {"idle_share_at_start": None if idle is None else round(idle, 4), "quiet": quiet, "waited_s": waited,
+            "cpu_pressure_avg10_at_start": cpu_pressure(), "load_average_at_start": os.getloadavg()[0]}
 
 
 def load() -> Any:
@@ -93,34 +110,102 @@ def load() -> Any:
     return load_backbone(BackboneConfig())
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], reps: int = 3, log: bool = True) -> dict[str, dict]:
+class ForeignCpu:
+    """CPU time spent by *other* processes while a block runs: machine busy time (/proc/stat) minus our own."""
+
+    def __enter__(self) -> "ForeignCpu":
+        self.busy0, self.own0, self.wall0 = _busy_s(), _own_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        wall = time.perf_counter() - self.wall0
+        busy, own = _busy_s(), _own_s()
+        self.cores = None if busy is None or self.busy0 is None else max(0.0, (busy - self.busy0) - (own - self.own0)) / max(wall, 1e-9)
+
+
+def _busy_s() -> float | None:
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], reps: int = 3, log: bool = True,
+                warmups: dict[str, Callable[[], Any]] | None = None, foreign_limit: float = 0.15,
+                max_rounds: int | None = None, quiet_wait_s: float = 120.0) -> dict[str, dict]:
     """Warm up every variant once, then alternate them ``reps`` times; returns times, median and last result.
 
-    Even repetitions run the variants in the given order, odd ones in reverse, so drift in machine load
-    (another user's jobs) hits both sides alike.
+    ``warmups`` may replace a variant's warm-up by a shorter run of the same code path (e.g. 2 of 16 prompts),
+    which keeps a slow variant's warm-up from doubling the run time.
+
+    Even rounds run the variants in the given order, odd ones in reverse, so drift in machine load hits both
+    sides alike. The machine is shared: a round during which other processes used more than ``foreign_limit``
+    cores on average (while any variant ran) is recorded as contended and repeated, up to ``max_rounds`` rounds
+    in all (default ``2 * reps``); each round first waits (at most ``quiet_wait_s``) for idle CPUs. If too few
+    clean rounds remain, the contended ones are used and flagged (``clean`` false).
     """
     names = list(variants)
+    max_rounds = max_rounds or 2 * reps
     out: dict[str, dict] = {n: {"times_s": [], "result": None} for n in names}
     for name in names:
         start = time.perf_counter()
-        out[name]["result"] = variants[name]()
+        out[name]["result"] = (warmups or {}).get(name, variants[name])()
         out[name]["warmup_s"] = round(time.perf_counter() - start, 4)
         if log:
-            print(f"  warm-up {name}: {out[name]['warmup_s']:.2f}s", flush=True)
-    for rep in range(reps):
-        order = names if rep % 2 == 0 else names[::-1]
+            short = " (shortened)" if name in (warmups or {}) else ""
+            print(f"  warm-up {name}{short}: {out[name]['warmup_s']:.2f}s", flush=True)
+    rounds: list[dict] = []
+    while sum(r["clean"] for r in rounds) < reps and len(rounds) < max_rounds:
+        wait_for_quiet(quiet_wait_s, log=False)
+        order = names if len(rounds) % 2 == 0 else names[::-1]
+        entry: dict = {"order": order, "times_s": {}, "foreign_cores": {}}
         for name in order:
-            start = time.perf_counter()
-            out[name]["result"] = variants[name]()
-            elapsed = time.perf_counter() - start
-            out[name]["times_s"].append(round(elapsed, 4))
-            out[name].setdefault("cpu_pressure_avg10", []).append(cpu_pressure())
+            with ForeignCpu() as foreign:
+                start, cpu0 = time.perf_counter(), os.times()
+                out[name]["result"] = variants[name]()
+                elapsed, cpu1 = time.perf_counter() - start, os.times()
+            entry["times_s"][name] = round(elapsed, 4)
+            entry.setdefault("own_cpu_user_s", {})[name] = round(cpu1.user - cpu0.user, 3)
+            entry.setdefault("own_cpu_sys_s", {})[name] = round(cpu1.system - cpu0.system, 3)
+            entry["foreign_cores"][name] = None if foreign.cores is None else round(foreign.cores, 3)
             if log:
-                print(f"  rep {rep + 1}/{reps} {name}: {elapsed:.2f}s (cpu pressure avg10 {cpu_pressure()} %)",
-                      flush=True)
+                print(f"  round {len(rounds) + 1} {name}: {elapsed:.2f}s (other processes used "
+                      f"{entry['foreign_cores'][name]} cores)", flush=True)
+        entry["clean"] = all(c is None or c <= foreign_limit for c in entry["foreign_cores"].values())
+        if log and not entry["clean"]:
+            print("  -> round contended by other jobs; it will be repeated", flush=True)
+        rounds.append(entry)
+    used = [r for r in rounds if r["clean"]]
+    if len(used) < reps:
+        used = sorted(rounds, key=lambda r: max(c or 0.0 for c in r["foreign_cores"].values()))[:reps]
     for name in names:
+        out[name]["times_s"] = [r["times_s"][name] for r in used]
         out[name]["median_s"] = round(statistics.median(out[name]["times_s"]), 4)
-    return out
+        out[name]["clean"] = all(r["clean"] for r in used)
+    timing = Timing(out)
+    timing.rounds = {"all": rounds, "used": len(used), "clean": all(r["clean"] for r in used),
+                     "foreign_limit_cores": foreign_limit}
+    return timing
+
+
+class Timing(dict):
+    """Per-variant timing entries; ``rounds`` holds every round (clean or contended) for the JSON."""
+
+    rounds: dict = {}
+
+
+def rounds_note(timing: "Timing") -> str:
+    """One line: how many rounds ran, how many were contended, whether the used ones are clean."""
+    r = timing.rounds
+    contended = sum(not x["clean"] for x in r["all"])
+    return (f"{len(r['all'])} timed rounds, {contended} contended by other jobs and repeated; "
+            f"{r['used']} used, {'all clean' if r['clean'] else 'NOT clean (machine stayed busy)'}")
 
 
 def paired_ratios(times_num: list[float], times_den: list[float]) -> dict:
@@ -145,7 +230,18 @@ def environment() -> dict:
     import torch
     import transformers
 
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=BENCH_DIR.parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "prism_lightning").splitlines()]
     return {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_commit": git("rev-parse", "HEAD"), "library_uncommitted_changes": dirty,
             "platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available(), "torch": torch.__version__,
@@ -169,4 +265,7 @@ def write_results(script: str, payload: dict, merge: bool = False) -> Path:
 
 def strip_results(timing: dict[str, dict]) -> dict[str, dict]:
     """Timing entries without the (possibly large) last result object."""
-    return {name: {k: v for k, v in entry.items() if k != "result"} for name, entry in timing.items()}
+    out = {name: {k: v for k, v in entry.items() if k != "result"} for name, entry in timing.items()}
+    if isinstance(timing, Timing):
+        out["_rounds"] = timing.rounds
+    return out

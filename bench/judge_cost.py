@@ -16,7 +16,7 @@ import math
 import tempfile
 from pathlib import Path
 
-from _common import (QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
+from _common import (rounds_note, QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
                      write_results)
 
 # (candidate, baseline): a fuller persona-style answer and a terse baseline, both short.
@@ -104,7 +104,7 @@ def main() -> None:
     per_answer = gen_s / len(gen_prompts)
     ratio = paired_ratios([t / len(pairs) for t in timing["judge_16_pairs"]["times_s"]],
                           [t / len(gen_prompts) for t in timing["generate_16x96"]["times_s"]])
-    print()
+    print(f"\n{rounds_note(timing)}")
     print(table([
         ["judge: 16 pairs, both orders", judge_s, f"{per_pair:.3f} s/pair", f"{per_forward:.3f} s/forward",
          f"{per_prompt:.3f} s/judge prompt"],
@@ -121,7 +121,7 @@ def main() -> None:
                    "prompts_per_forward": 2 * config.batch_size, "judge_prompt_tokens": lengths,
                    "generation": {"answers": len(gen_prompts), "new_tokens": args.answer_tokens,
                                   "temperature": gen_decoding.temperature, "batch_size": 16}, "reps": args.reps},
-        "start_conditions": start_conditions, "timing": strip_results(timing),
+        "start_conditions": start_conditions, "timing": strip_results(timing), "clean": timing.rounds["clean"],
         "judge_seconds_per_pair": round(per_pair, 4), "judge_seconds_per_forward": round(per_forward, 4),
         "judge_seconds_per_prompt": round(per_prompt, 4),
         "generation_seconds_per_answer": round(per_answer, 4), "generation_seconds_per_call": round(gen_s, 4),
