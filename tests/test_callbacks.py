@@ -1,0 +1,119 @@
+"""Calibration math, GateCalibration, and DiscriminativeAccuracyCheck stopping a run whose adapter destroys accuracy."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prism_lightning.calibration import expected_calibration_error, fit_temperature, select_threshold
+from prism_lightning.callbacks.discriminative_check import DiscriminativeAccuracyCheck
+from prism_lightning.callbacks.gate_calibration import GateCalibration
+from prism_lightning.evaluation import mmlu
+from prism_lightning.modules.gate import IntentGate
+
+
+def miscalibrated(n: int = 4000, sharpness: float = 4.0, seed: int = 0):
+    """Labels drawn from true probabilities; logits made overconfident by ``sharpness``."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(n, generator=g) * 0.9 + 0.05
+    labels = (torch.rand(n, generator=g) < p).float()
+    return sharpness * torch.logit(p), labels
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_gate():
+    logits, labels = miscalibrated()
+    before = expected_calibration_error(torch.sigmoid(logits), labels)
+    t = fit_temperature(logits, labels)
+    after = expected_calibration_error(torch.sigmoid(logits / t), labels)
+    assert 3.0 < t < 5.0
+    assert before > 0.1 and after < before / 3
+
+
+def test_select_threshold():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    t = select_threshold(probs, labels)
+    assert 0.3 < t <= 0.6 and ((probs >= t).long() == labels).all()
+    rate = select_threshold(torch.linspace(0, 1, 101), torch.zeros(101), "routing_rate", 0.25)
+    assert float((torch.linspace(0, 1, 101) >= rate).float().mean()) == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(ValueError):
+        select_threshold(probs, labels, "routing_rate", None)
+
+
+def test_gate_calibration_callback_stores_temperature_and_threshold(tmp_path):
+    logits, labels = miscalibrated(n=400)
+    gate = IntentGate(hidden_size=8)
+    logged = {}
+    module = SimpleNamespace(gate=gate, val_gate_outputs=[{"ids": [], "logits": logits, "labels": labels}],
+                             log_dict=logged.update)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, is_global_zero=True,
+                              default_root_dir=str(tmp_path))
+    callback = GateCalibration()
+    callback.on_validation_epoch_end(trainer, module)
+    assert float(gate.temperature) == pytest.approx(callback.last["temperature"]) and float(gate.temperature) > 2
+    assert float(gate.threshold) == pytest.approx(callback.last["threshold"])
+    assert logged["calibration/ece_after"] < logged["calibration/ece_before"]
+    assert (tmp_path / "calibration" / "reliability_epoch0.png").stat().st_size > 1000
+    assert "temperature" in dict(gate.named_buffers()) and "threshold" in dict(gate.named_buffers())
+
+
+@pytest.fixture
+def tiny_gated_parts(tiny_backbones):
+    from prism_lightning.modules.gate import GateMLP
+    from prism_lightning.modules.student import LoraSettings, attach_lora
+
+    backbone = tiny_backbones(seed=0)
+    peft_model = attach_lora(backbone, LoraSettings(rank=4, alpha=8, dropout=0.0)).eval()
+    return backbone, peft_model, GateMLP(backbone.model.config.hidden_size).eval()
+
+
+def write_mmlu_the_base_model_gets_right(tmp_path, gated) -> str:
+    """A cais-style MMLU directory whose answers are the base model's own predictions: base accuracy 100 %."""
+    rows = [{"question": f"Question {i}: which option fits case {i}?", "subject": s,
+             "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"], "answer": 0}
+            for i, s in enumerate(["college physics", "philosophy", "sociology", "virology"] * 6)]
+    ids = [gated.prompt_ids(mmlu.prompt_text(r)) for r in rows]
+    predicted = gated.next_token_logprobs(ids, "base")[0][:, mmlu.letter_ids(gated.backbone.tokenizer)].argmax(-1)
+    test = tmp_path / "mmlu" / "test"
+    test.mkdir(parents=True)
+    for subject in {r["subject"] for r in rows}:
+        with (test / f"{subject.replace(' ', '_')}_test.csv").open("w", newline="") as fh:
+            csv.writer(fh).writerows([[r["question"], *r["choices"], "ABCD"[int(p)]]
+                                      for r, p in zip(rows, predicted) if r["subject"] == subject])
+    return str(tmp_path / "mmlu")
+
+
+@pytest.mark.parametrize("mode", ["stop", "warn"])
+def test_discriminative_check_stops_a_run_whose_adapter_destroys_accuracy(tiny_gated_parts, tmp_path, mode):
+    from prism_lightning.routing import GatedModel
+
+    backbone, peft_model, gate = tiny_gated_parts
+    make = lambda: GatedModel(backbone, peft_model, gate, threshold=0.0, temperature=1.0,  # noqa: E731
+                              adapter_name=peft_model.active_adapter)
+    source = write_mmlu_the_base_model_gets_right(tmp_path, make())
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, global_step=5, should_stop=False,
+                              state=SimpleNamespace(fn="fit"), logger=None)
+    logged = {}
+    module = SimpleNamespace(model=peft_model, gated=make, log_dict=logged.update)
+    check = DiscriminativeAccuracyCheck(mmlu_source=source, n=24, tolerance=5.0, mode=mode)
+    check.setup(trainer, module, "fit")
+
+    check.on_validation_epoch_end(trainer, module)  # LoRA B = 0: the adapter changes nothing yet
+    assert logged["disc/base_acc"] == 100.0 and logged["disc/drop"] == 0.0 and not trainer.should_stop
+
+    with torch.no_grad():  # an adapter constructed to destroy accuracy
+        g = torch.Generator().manual_seed(1)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 3.0)
+    trainer.global_step = 10
+    if mode == "stop":
+        check.on_validation_epoch_end(trainer, module)
+    else:
+        with pytest.warns(UserWarning, match="MMLU accuracy fell"):
+            check.on_validation_epoch_end(trainer, module)
+    assert logged["disc/drop"] > 5.0
+    assert trainer.should_stop is (mode == "stop")
