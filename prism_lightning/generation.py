@@ -69,6 +69,15 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
 
 
 @torch.no_grad()
+def next_token_logprobs(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
+                        **forward_kwargs: Any) -> torch.Tensor:
+    """Log-softmax over the vocabulary after each prompt of one left-padded batch ([n, V], fp32, CPU)."""
+    ids, mask = left_pad(prompts, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **forward_kwargs).logits[:, -1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
 def generate_batch(backbone: Backbone, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                    seed: Optional[int] = None, model: Any = None, **generate_kwargs: Any) -> list[dict]:
     """Generate for one batch of tokenized prompts; returns ``{"text", "new_tokens", "finished"}`` per row.

@@ -12,7 +12,7 @@ from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.export import ADAPTER_DIR, GATE_FILE, check_export
 from prism_lightning.features import layer0_features
-from prism_lightning.generation import DecodingConfig, generate_batch, left_pad
+from prism_lightning.generation import DecodingConfig, generate_batch, left_pad, next_token_logprobs
 from prism_lightning.modules.gate import GateMLP
 from prism_lightning.modules.student import check_base_model
 
@@ -106,8 +106,7 @@ class GatedModel:
         for start in range(0, len(prompt_ids), batch_size):
             chunk = list(prompt_ids[start:start + batch_size])
             names, p = self.routes(chunk, route)
-            ids, mask = left_pad(chunk, self.backbone.tokenizer.pad_token_id, self.backbone.device)
-            logits = self.model(input_ids=ids, attention_mask=mask, adapter_names=names, logits_to_keep=1).logits
-            rows.append(torch.log_softmax(logits[:, -1].float(), dim=-1).cpu())
+            rows.append(next_token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                                            chunk, adapter_names=names))
             probs.append(p)
         return torch.cat(rows), torch.cat(probs)

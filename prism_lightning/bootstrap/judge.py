@@ -9,7 +9,7 @@ import torch
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.chat import ChatFormatter
-from prism_lightning.generation import left_pad
+from prism_lightning.generation import next_token_logprobs
 from prism_lightning.jsonl import JsonlSink
 from prism_lightning.progress import progress
 
@@ -50,9 +50,8 @@ class Judge:
     @torch.no_grad()
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Log-softmax over the vocabulary at the last prompt position, for a batch of token id lists."""
-        ids, mask = left_pad(prompts, self.backbone.tokenizer.pad_token_id, self.backbone.device)
-        logits = self.backbone.model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+        return next_token_logprobs(self.backbone.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                                   prompts)
 
     def _prompt_ids(self, user: str) -> list[int]:
         return self.formatter.prompt_ids(user, JUDGE_SYSTEM)

@@ -21,7 +21,7 @@ from prism_lightning.evaluation.rows import Row, default_rows
 from prism_lightning.evaluation.suites import (REFUSAL_SYSTEM, SuiteResult, run_mmlu, run_mt_bench, run_preference,
                                                run_safety)
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
-from prism_lightning.generation import DecodingConfig, left_pad
+from prism_lightning.generation import DecodingConfig, next_token_logprobs
 from prism_lightning.personas import PersonaRegistry
 
 
@@ -120,15 +120,11 @@ class BenchmarkRun:
             backbone = load_backbone(self.config.judge)
             formatter = ChatFormatter(backbone.tokenizer)
 
-            @torch.no_grad()
             def logprobs(ids):
-                out = []
-                for s in range(0, len(ids), self.config.batch_size):
-                    x, m = left_pad(ids[s:s + self.config.batch_size], backbone.tokenizer.pad_token_id,
-                                    backbone.device)
-                    logits = backbone.model(input_ids=x, attention_mask=m, logits_to_keep=1).logits[:, -1]
-                    out.append(torch.log_softmax(logits.float(), -1).cpu())
-                return torch.cat(out)
+                step = self.config.batch_size
+                return torch.cat([next_token_logprobs(backbone.model, backbone.tokenizer.pad_token_id,
+                                                      backbone.device, ids[s:s + step])
+                                  for s in range(0, len(ids), step)])
         return (EvalJudge(formatter, logprobs, JUDGE_SYSTEM), EvalJudge(formatter, logprobs, REFUSAL_SYSTEM),
                 logprobs, formatter)
 
