@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from prism_lightning.evaluation import mmlu
+from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.rows import Row
 from prism_lightning.evaluation.suites import run_mmlu
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
@@ -56,7 +57,8 @@ class DiscriminativeAccuracyCheck(Callback):
         """Measure, log, and warn or stop."""
         was_training = pl_module.model.training
         pl_module.model.eval()
-        gated = pl_module.gated()
+        # Through the cache, PRISM re-uses the base scores of the prompts its gate keeps off the adapter.
+        gated = CachedGatedModel(pl_module.gated())
         base = accuracy(run_mmlu(gated, self.rows, Row("Base", "base"), self.registry))
         prism = accuracy(run_mmlu(gated, self.rows, Row("PRISM", "gate"), self.registry))
         pl_module.model.train(was_training)

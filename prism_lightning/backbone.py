@@ -114,12 +114,16 @@ def _looks_like_path(name: str) -> bool:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable hash of the weights: every tensor's name, shape, first 64 values and sum."""
+    """A cheap, stable hash of the weights: every tensor's name, shape, first 64 values and sum.
+
+    Values are rounded to bfloat16 first, so the same weights loaded in float32 or bfloat16 share a fingerprint
+    (an adapter trained in one precision may be evaluated in the other).
+    """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        flat = tensor.detach().flatten().to(torch.float32)
+        flat = tensor.detach().flatten().to(torch.bfloat16).to(torch.float32)
         h.update(flat[:64].cpu().numpy().tobytes())
         h.update(f"{flat.double().sum().item():.6e}".encode())
     return h.hexdigest()[:16]

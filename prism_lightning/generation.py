@@ -68,13 +68,30 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
+def length_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first, so left padding wastes little compute."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
+def token_logprobs(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
+                   tokens: Optional[Sequence[int]] = None, tail: int = 1, **forward_kwargs: Any) -> torch.Tensor:
+    """Log-probs after each of the last ``tail`` positions of one left-padded batch ([n, tail, k], fp32, CPU).
+
+    ``tokens`` picks k vocabulary columns (None keeps all); ``tail=2`` reads a prompt's next token and the token
+    after an appended one in a single forward.
+    """
+    ids, mask = left_pad(prompts, pad_id, device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=tail, **forward_kwargs).logits[:, -tail:]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return (logprobs if tokens is None else logprobs[..., list(tokens)]).cpu()
+
+
 def next_token_logprobs(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
                         **forward_kwargs: Any) -> torch.Tensor:
     """Log-softmax over the vocabulary after each prompt of one left-padded batch ([n, V], fp32, CPU)."""
-    ids, mask = left_pad(prompts, pad_id, device)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **forward_kwargs).logits[:, -1]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return token_logprobs(model, pad_id, device, prompts, **forward_kwargs)[:, -1]
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.export import ADAPTER_DIR, GATE_FILE, check_export
 from prism_lightning.features import layer0_features
-from prism_lightning.generation import DecodingConfig, generate_batch, left_pad, next_token_logprobs
+from prism_lightning.generation import DecodingConfig, generate_batch, left_pad, length_batches, token_logprobs
 from prism_lightning.modules.gate import GateMLP
 from prism_lightning.modules.student import check_base_model
 
@@ -82,15 +82,15 @@ class GatedModel:
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], decoding: DecodingConfig = DecodingConfig(),
                      route: str = "gate") -> list[dict]:
-        """Routed generation for tokenized prompts, ``decoding.batch_size`` rows per mixed batch."""
-        out: list[dict] = []
-        for start in range(0, len(prompt_ids), decoding.batch_size):
-            chunk = list(prompt_ids[start:start + decoding.batch_size])
+        """Routed generation for tokenized prompts, in input order; batches of similar length, each a mixed batch."""
+        out: list[Optional[dict]] = [None] * len(prompt_ids)
+        for index in length_batches(prompt_ids, decoding.batch_size):
+            chunk = [list(prompt_ids[i]) for i in index]
             names, probs = self.routes(chunk, route)
-            results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + start,
+            results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + index[0],
                                      adapter_names=names, model=self.model)
-            out += [{**r, "probability": round(float(p), 4), "route": "base" if n == BASE else "adapter"}
-                    for r, p, n in zip(results, probs.tolist(), names)]
+            for i, r, p, n in zip(index, results, probs.tolist(), names):
+                out[i] = {**r, "probability": round(float(p), 4), "route": "base" if n == BASE else "adapter"}
         return out
 
     def generate(self, prompts: Sequence[str], decoding: DecodingConfig = DecodingConfig(),
@@ -99,14 +99,18 @@ class GatedModel:
         return self.generate_ids([self.prompt_ids(p, persona) for p in prompts], decoding, route)
 
     @torch.no_grad()
-    def next_token_logprobs(self, prompt_ids: Sequence[Sequence[int]], route: str = "gate",
-                            batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-softmax of the next token after each prompt ([n, V], CPU) and the rows' gate probabilities."""
-        rows, probs = [], []
-        for start in range(0, len(prompt_ids), batch_size):
-            chunk = list(prompt_ids[start:start + batch_size])
+    def token_logprobs(self, prompt_ids: Sequence[Sequence[int]], tokens: Optional[Sequence[int]] = None,
+                       route: str = "gate", batch_size: int = 16, tail: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of ``tokens`` after the last ``tail`` positions of each prompt ([n, tail, k], CPU, input order)
+        and the rows' gate probabilities ([n])."""
+        rows: list[Optional[torch.Tensor]] = [None] * len(prompt_ids)
+        probs = torch.zeros(len(prompt_ids))
+        for index in length_batches(prompt_ids, batch_size):
+            chunk = [list(prompt_ids[i]) for i in index]
             names, p = self.routes(chunk, route)
-            rows.append(next_token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
-                                            chunk, adapter_names=names))
-            probs.append(p)
-        return torch.cat(rows), torch.cat(probs)
+            values = token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device, chunk,
+                                    tokens, tail, adapter_names=names)
+            probs[index] = p
+            for i, v in zip(index, values):
+                rows[i] = v
+        return torch.stack(rows) if rows else torch.zeros(0, tail, len(tokens) if tokens is not None else len(self.backbone.tokenizer)), probs

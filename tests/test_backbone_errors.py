@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -102,12 +103,17 @@ def test_weights_fingerprint_tracks_weight_changes():
     assert weights_fingerprint(clone) == before  # same weights, same fingerprint
 
     with torch.no_grad():
-        layer.weight[2, 1] += 1e-3
+        saved = layer.weight[2, 1].item()
+        layer.weight[2, 1] += 1e-2  # above bfloat16 resolution (the fingerprint's precision)
     changed = weights_fingerprint(layer)
     assert changed != before
     with torch.no_grad():
-        layer.weight[2, 1] -= 1e-3
+        layer.weight[2, 1] = saved
     assert weights_fingerprint(layer) == before
+
+    # the same weights held in bfloat16 (an adapter trained in float32, evaluated in bfloat16) match
+    assert weights_fingerprint(torch.nn.Linear(4, 3).to(torch.bfloat16).requires_grad_(False)) != before
+    assert weights_fingerprint(copy.deepcopy(layer).to(torch.bfloat16)) == before
 
     with torch.no_grad():
         layer.bias[0] = 5.0

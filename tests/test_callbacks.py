@@ -76,7 +76,7 @@ def write_mmlu_the_base_model_gets_right(tmp_path, gated) -> str:
              "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"], "answer": 0}
             for i, s in enumerate(["college physics", "philosophy", "sociology", "virology"] * 6)]
     ids = [gated.prompt_ids(mmlu.prompt_text(r)) for r in rows]
-    predicted = gated.next_token_logprobs(ids, "base")[0][:, mmlu.letter_ids(gated.backbone.tokenizer)].argmax(-1)
+    predicted = gated.token_logprobs(ids, mmlu.letter_ids(gated.backbone.tokenizer), "base")[0][:, 0].argmax(-1)
     test = tmp_path / "mmlu" / "test"
     test.mkdir(parents=True)
     for subject in {r["subject"] for r in rows}:

@@ -85,11 +85,14 @@ def _fake_logprobs(tokenizer, rule):
     """A judge log-prob function: ``rule(ids, text) -> {token_id: prob}`` decides each row's distribution."""
     calls = []
 
-    def logprobs(batch):
+    def logprobs(batch, tokens, tail=1):
         batch = [list(ids) for ids in batch]
         calls.append(batch)
-        masses = [rule(ids, tokenizer.decode(ids)) for ids in batch]
-        return _logprob_rows(len(tokenizer), masses)
+        # position t reads the distribution after the prompt cut where that position ends
+        positions = [_logprob_rows(len(tokenizer), [rule(ids[:len(ids) - tail + 1 + t],
+                                                         tokenizer.decode(ids[:len(ids) - tail + 1 + t]))
+                                                    for ids in batch]) for t in range(tail)]
+        return torch.stack(positions, dim=1)[..., list(tokens)]
 
     logprobs.calls = calls
     return logprobs
@@ -339,8 +342,6 @@ def test_load_mt_bench_malformed_row_names_path_and_line(tmp_path, bad):
     assert "MT-Bench" in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: load_mt_bench numbers the parsed records, so blank lines "
-                                       "(skipped by read_jsonl) shift the reported line")
 def test_load_mt_bench_malformed_row_line_counts_blank_lines(tmp_path):
     path = tmp_path / "question.jsonl"
     path.write_text(json.dumps({"category": "writing", "turns": ["fine"]}) + "\n\n" +
@@ -530,10 +531,10 @@ def test_grade_reads_the_expected_digit(smol_tokenizer, formatter):
     assert v.values.tolist() == pytest.approx([7.0, 7.0], abs=0.01)
     assert v.mass.tolist() == pytest.approx([0.95, 0.95], abs=0.01)
     assert v.readable.tolist() == [True, True]
-    # the judge saw the prompts formatted with its system message, then the same prompts + "1"
-    first, second = fake.calls
-    assert first == [formatter.prompt_ids(p, JUDGE_SYSTEM) for p in ("Rate this answer.", "And this one.")]
-    assert second == [ids + [_tok(smol_tokenizer, "1")] for ids in first]
+    # one forward: the prompts formatted with the judge's system message, + "1" (read at the last two positions)
+    (call,) = fake.calls
+    assert call == [formatter.prompt_ids(p, JUDGE_SYSTEM) + [_tok(smol_tokenizer, "1")]
+                    for p in ("Rate this answer.", "And this one.")]
 
 
 def test_grade_mixture_is_an_expectation(smol_tokenizer, formatter):
@@ -628,9 +629,9 @@ def test_run_mmlu_scores_counts_and_routing(gated, registry, monkeypatch):
     expected_gate = _category_means(rows, (probs >= gated.threshold).float())
     assert 0 < float((probs >= gated.threshold).float().mean()) < 1
 
-    routes = _spy(monkeypatch, gated, "next_token_logprobs")
+    routes = _spy(monkeypatch, gated, "token_logprobs")
     results = {row.name: run_mmlu(gated, rows, row, registry, batch_size=5) for row in default_rows()}
-    assert [c[0][1] for c in routes] == ["base", "base", "base", "adapter", "gate"]
+    assert [c[0][2] for c in routes] == ["base", "base", "base", "adapter", "gate"]
     keys = {f"MMLU/{c}" for c in mmlu.CATEGORIES}
     for name, result in results.items():
         assert set(result.scores) == keys and set(result.counts) == keys and set(result.routing) == keys
@@ -648,7 +649,7 @@ def test_run_mmlu_scorer_matches_direct_scoring(gated, registry):
     rows = _mmlu_rows(MMLU_SPEC)
     ids = [gated.prompt_ids(mmlu.prompt_text(r)) for r in rows]
     letters = mmlu.letter_ids(gated.backbone.tokenizer)
-    logprobs = gated.next_token_logprobs(ids, "base")[0]
+    logprobs = gated.token_logprobs(ids, None, "base")[0][:, 0]
     predicted = logprobs[:, letters].argmax(-1).tolist()
     # answers chosen so STEM is all right, humanities all wrong, the rest mixed
     for i, r in enumerate(rows):
@@ -660,7 +661,7 @@ def test_run_mmlu_scorer_matches_direct_scoring(gated, registry):
     assert result.scores["MMLU/STEM"] == 100.0 and result.scores["MMLU/humanities"] == 0.0
 
     # the same letter scorer for a gated row: compare against the gated route's own log-probs
-    gate_logprobs = gated.next_token_logprobs(ids, "gate")[0]
+    gate_logprobs = gated.token_logprobs(ids, None, "gate")[0][:, 0]
     gate_result = run_mmlu(gated, rows, Row("PRISM", "gate"), registry)
     assert gate_result.scores == pytest.approx(
         {k: 100 * v for k, v in _category_means(rows, mmlu.score(gate_logprobs, rows, letters)).items()})
@@ -877,10 +878,11 @@ def test_write_report(tmp_path):
         assert (out / name).is_file(), name
     for png in ("scores.png", "routing.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    saved = json.loads((out / "metrics.json").read_text())
+    # strict JSON (no NaN tokens): a subcategory with nothing readable is null
+    saved = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert saved["model"] == "tiny-test-model" and saved["subcategories"] == metrics["subcategories"]
     assert saved["rows"]["PRISM"]["scores"]["MMLU/STEM"] == 34.0
-    assert math.isnan(saved["rows"]["Base"]["scores"]["MT-Bench/writing"])
+    assert saved["rows"]["Base"]["scores"]["MT-Bench/writing"] is None
     report = (out / "report.md").read_text()
     assert "![scores](scores.png)" in report and "![routing](routing.png)" in report
     assert "tiny-test-model" in report
@@ -1048,3 +1050,112 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
         assert metrics["counts"][key] + metrics["unreadable"][f"Base/{key}"] == total
     for name in ("metrics.json", "scores.png", "report.md"):
         assert (tmp_path / "report" / name).is_file()
+
+
+# =========================================================================== 9. cache.py and the fast paths
+def test_token_logprobs_one_forward_equals_two(gated):
+    """tail=2 over prompt + "1" gives the same log-probs as scoring prompt and prompt + "1" separately."""
+    from prism_lightning.generation import next_token_logprobs, token_logprobs
+
+    tok = gated.backbone.tokenizer
+    ids = [gated.prompt_ids(p) for p in ("Rate this.", "A much longer prompt to rate, with more tokens in it.")]
+    one = single_token(tok, "1")
+    both = token_logprobs(gated.backbone.model, tok.pad_token_id, gated.backbone.device, [i + [one] for i in ids],
+                          None, 2)
+    first = next_token_logprobs(gated.backbone.model, tok.pad_token_id, gated.backbone.device, ids)
+    second = next_token_logprobs(gated.backbone.model, tok.pad_token_id, gated.backbone.device,
+                                 [i + [one] for i in ids])
+    torch.testing.assert_close(both[:, 0], first, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[:, 1], second, atol=1e-4, rtol=1e-4)
+
+
+def test_length_sorted_batches_keep_input_order(gated):
+    """Batches sorted by length return rows in input order, equal to scoring each prompt alone."""
+    prompts = ["short", "a somewhat longer prompt than that", "mid length one", "x", "the longest prompt of all, "
+               "by a clear margin, with many words"]
+    ids = [gated.prompt_ids(p) for p in prompts]
+    letters = mmlu.letter_ids(gated.backbone.tokenizer)
+    together, probs = gated.token_logprobs(ids, letters, "gate", batch_size=2)
+    for i, single in enumerate(ids):
+        alone, p = gated.token_logprobs([single], letters, "gate")
+        torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
+        assert float(probs[i]) == pytest.approx(float(p[0]), abs=1e-5)
+    out = gated.generate_ids(ids, DECODING, "base")
+    assert [o["text"] for o in out] == [gated.generate_ids([i], DECODING, "base")[0]["text"] for i in ids]
+
+
+def test_cache_prism_row_reuses_base_and_ungated_exactly(gated, registry, formatter, smol_tokenizer):
+    """Through the cache, PRISM computes nothing new and equals the uncached mixed-batch PRISM row."""
+    from prism_lightning.evaluation.cache import CachedGatedModel
+
+    rows = _mmlu_rows(MMLU_SPEC)
+    probs = gated.route([gated.prompt_ids(mmlu.prompt_text(r)) for r in rows])
+    gated.threshold = _split_threshold(probs)
+    cache = CachedGatedModel(gated)
+    run_mmlu(cache, rows, Row("Base", "base"), registry, batch_size=5)
+    run_mmlu(cache, rows, Row("Ungated LoRA", "adapter"), registry, batch_size=5)
+    computed = cache.misses
+    assert computed == 2 * len(rows) and cache.hits == 0
+    cached = run_mmlu(cache, rows, Row("PRISM", "gate"), registry, batch_size=5)
+    assert cache.misses == computed and cache.hits == len(rows)
+    direct = run_mmlu(gated, rows, Row("PRISM", "gate"), registry, batch_size=5)
+    assert cached.scores == pytest.approx(direct.scores) and cached.routing == pytest.approx(direct.routing)
+
+    judge, fake = _yes_no_judge(formatter, smol_tokenizer, lambda text: "yes" if "bomb" in text else "no")
+    sets = {"HarmBench": SAFETY_SETS["HarmBench"]}
+    ids = [gated.prompt_ids(p["prompt"]) for p in sets["HarmBench"]]
+    gated.threshold = _split_threshold(gated.route(ids))
+    for route in ("base", "adapter"):
+        cache.generate_ids(ids, DECODING, route)
+    before = cache.misses
+    texts = [o["text"] for o in cache.generate_ids(ids, DECODING, "gate")]
+    assert cache.misses == before
+    assert texts == [o["text"] for o in gated.generate_ids(ids, DECODING, "gate")]
+    # a different decoding is a different computation, never a hit
+    cache.generate_ids(ids, DecodingConfig(max_new_tokens=3, batch_size=8), "base")
+    assert cache.misses == before + len(ids)
+
+
+@pytest.mark.parametrize("name,content,loader", [
+    ("question.jsonl", "\n\n", load_mt_bench),
+    ("behaviors.csv", "Behavior,ContextString\n", load_harmbench),
+    ("prompts.json", "[]", load_prompt_list),
+])
+def test_empty_benchmark_file_is_one_clear_line(tmp_path, name, content, loader):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(PrismError) as err:
+        loader(path)
+    assert str(err.value).startswith(f"{path}: no rows (expected ") and "\n" not in str(err.value)
+
+
+def test_empty_mmlu_directory_is_one_clear_line(tmp_path):
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "anatomy_test.csv").write_text("")
+    with pytest.raises(PrismError) as err:
+        mmlu.load_mmlu(str(tmp_path))
+    assert "hold no rows" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_benchmark_run_end_to_end_on_a_tiny_model(tmp_path, registry, gated):
+    """Every unit through BenchmarkRun with the model as its own judge: table, report, and PRISM re-using work."""
+    files = _benchmark_files(tmp_path)
+    cais = _write_cais(tmp_path / "mmlu", {"college_physics": [[f"p{i}", "a", "b", "c", "d", "A"] for i in range(6)],
+                                           "philosophy": [[f"h{i}", "a", "b", "c", "d", "B"] for i in range(4)]})
+    config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, decoding=DecodingConfig(max_new_tokens=3, batch_size=4),
+                             safety_max_new_tokens=2, batch_size=4, **files)
+    run = BenchmarkRun(config, registry, [], {})
+    for unit in run.units():
+        run.run_unit(gated, unit)
+    metrics = run.finish({"name_or_path": "tiny"}, tmp_path / "out")
+    assert set(metrics["rows"]) == set(ROW_NAMES)
+    assert metrics["counts"]["Safety/HarmBench"] + metrics["unreadable"]["Base/Safety/HarmBench"] == 3
+    assert metrics["settings"]["safety_max_new_tokens"] == 2
+    # PRISM's prompts equal Base/Ungated prompts: its generations, MMLU scores and judge verdicts are all reused
+    assert metrics["cache"]["reused"] >= 10 + 4 + 5
+    routed = metrics["rows"]["PRISM"]["routing"]
+    for key, base in metrics["rows"]["Base"]["scores"].items():
+        if key.startswith("MMLU") and routed[key] == 0.0:
+            assert metrics["rows"]["PRISM"]["scores"][key] == base
+    json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert "prompts computed" in (tmp_path / "out" / "report.md").read_text()

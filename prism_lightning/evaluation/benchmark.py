@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,14 +15,15 @@ from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.analysis import overall, routing_correlation
+from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
-from prism_lightning.evaluation.judging import EvalJudge
+from prism_lightning.evaluation.judging import EvalJudge, LogprobFn
 from prism_lightning.evaluation.report import print_table, write_report
 from prism_lightning.evaluation.rows import Row, default_rows
 from prism_lightning.evaluation.suites import (REFUSAL_SYSTEM, SuiteResult, run_mmlu, run_mt_bench, run_preference,
                                                run_safety)
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
-from prism_lightning.generation import DecodingConfig, next_token_logprobs
+from prism_lightning.generation import DecodingConfig, length_batches, token_logprobs
 from prism_lightning.personas import PersonaRegistry
 
 
@@ -40,6 +42,8 @@ class BenchmarkConfig:
         preference_n: held-out corpus queries for the PRISM-vs-Base win rate (0 skips).
         fixed_persona: the persona of the fixed-persona expert row.
         decoding: decoding for every generation (greedy unless you say otherwise).
+        safety_max_new_tokens: generation cap for the safety sets (a refusal shows in the first sentence; the
+            refusal judge reads this much).
         judge: a separate judge model; unset = the base model with the adapter off.
         batch_size: prompts per forward for scoring.
         seed: subsampling seed.
@@ -55,6 +59,7 @@ class BenchmarkConfig:
     preference_n: int = 0
     fixed_persona: str = "helpful"
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=128))
+    safety_max_new_tokens: int = 64
     judge: Optional[BackboneConfig] = None
     batch_size: int = 16
     seed: int = 0
@@ -99,6 +104,9 @@ class BenchmarkRun:
         self.results: dict[str, SuiteResult] = {}
         self.preference: Optional[dict] = None
         self.seconds = 0.0
+        self._cache: Optional[CachedGatedModel] = None
+        self._judge_backbone = None
+        self._unit, self._unit_start, self._computed = "", 0.0, 0
 
     def units(self) -> list[dict]:
         """One unit per (suite, row), plus the preference comparison."""
@@ -109,40 +117,60 @@ class BenchmarkRun:
             units.append({"suite": "preference", "row": None})
         return [{**u, "run": self} for u in units]
 
-    def judge(self, gated) -> tuple[EvalJudge, EvalJudge, object, ChatFormatter]:
-        """Grading and refusal judges (+ raw log-prob function and formatter) over the configured judge model."""
-        if self.config.judge is None:
-            formatter = gated.formatter
-
-            def logprobs(ids):
-                return gated.next_token_logprobs(ids, "base", self.config.batch_size)[0]
+    def model(self, gated) -> CachedGatedModel:
+        """The cached front over ``gated``; one cache per set of weights, shared by every unit."""
+        if self._cache is None or self._cache.model.model is not gated.model:
+            self._cache = CachedGatedModel(gated, on_progress=self._progress)
         else:
-            backbone = load_backbone(self.config.judge)
+            self._cache.model = gated
+        return self._cache
+
+    def _progress(self, n: int) -> None:
+        self._computed += n
+        print(f"[prism] test {self._unit}: {self._computed} prompts computed "
+              f"({time.perf_counter() - self._unit_start:.0f}s)", file=sys.stderr, flush=True)
+
+    def judge(self, model: CachedGatedModel) -> tuple[EvalJudge, EvalJudge, LogprobFn, ChatFormatter]:
+        """Grading and refusal judges (+ their log-prob function and formatter) over the configured judge model."""
+        step = self.config.batch_size
+        if self.config.judge is None:
+            formatter = model.formatter
+
+            def logprobs(ids, tokens, tail=1):
+                return model.token_logprobs(ids, tokens, "base", step, tail)[0]
+        else:
+            if self._judge_backbone is None:
+                self._judge_backbone = load_backbone(self.config.judge)
+            backbone = self._judge_backbone
             formatter = ChatFormatter(backbone.tokenizer)
 
-            def logprobs(ids):
-                step = self.config.batch_size
-                return torch.cat([next_token_logprobs(backbone.model, backbone.tokenizer.pad_token_id,
-                                                      backbone.device, ids[s:s + step])
-                                  for s in range(0, len(ids), step)])
+            def logprobs(ids, tokens, tail=1):
+                out = torch.zeros(len(ids), tail, len(tokens))
+                for index in length_batches(ids, step):
+                    out[index] = token_logprobs(backbone.model, backbone.tokenizer.pad_token_id, backbone.device,
+                                                [ids[i] for i in index], tokens, tail)
+                return out
         return (EvalJudge(formatter, logprobs, JUDGE_SYSTEM), EvalJudge(formatter, logprobs, REFUSAL_SYSTEM),
                 logprobs, formatter)
 
     def run_unit(self, gated, unit: dict) -> None:
         """Evaluate one suite for one row and keep the result."""
-        start = time.perf_counter()
-        grader, refusal, logprobs, formatter = self.judge(gated)
+        start = self._unit_start = time.perf_counter()
+        model = self.model(gated)
+        grader, refusal, logprobs, formatter = self.judge(model)
         suite = unit["suite"]
         row = self.rows[unit["row"]] if unit["row"] is not None else None
+        self._unit, self._computed = f"{suite}/{row.name if row else 'PRISM vs Base'}", 0
         cfg = self.config
         if suite == "mmlu":
-            result = run_mmlu(gated, self.data["mmlu"], row, self.registry, cfg.batch_size)
+            result = run_mmlu(model, self.data["mmlu"], row, self.registry, cfg.batch_size)
         elif suite == "mt_bench":
-            result = run_mt_bench(gated, self.data["mt_bench"], row, self.registry, grader, cfg.decoding)
+            result = run_mt_bench(model, self.data["mt_bench"], row, self.registry, grader, cfg.decoding)
         elif suite == "safety":
-            result = run_safety(gated, self.data["safety"], row, self.registry, refusal, cfg.decoding)
+            result = run_safety(model, self.data["safety"], row, self.registry, refusal,
+                                replace(cfg.decoding, max_new_tokens=cfg.safety_max_new_tokens))
         else:
-            self.preference = run_preference(gated, self.data["preference"], logprobs, formatter, cfg.decoding)
+            self.preference = run_preference(model, self.data["preference"], logprobs, formatter, cfg.decoding)
             self.seconds += time.perf_counter() - start
             return
         merged = self.results.setdefault(row.name, SuiteResult())
@@ -159,7 +187,12 @@ class BenchmarkRun:
         metrics = {"model": model_reference.get("name_or_path"), "subcategories": subcats, "rows": rows,
                    "counts": any_row.counts, "skipped": self.skipped,
                    "unreadable": {f"{n}/{k}": v for n, r in self.results.items() for k, v in r.unreadable.items()},
-                   "seconds": round(self.seconds, 1)}
+                   "seconds": round(self.seconds, 1),
+                   "settings": {"decoding": asdict(self.config.decoding),
+                                "safety_max_new_tokens": self.config.safety_max_new_tokens,
+                                "judge": self.config.judge.name_or_path if self.config.judge else "self (adapter off)",
+                                "mmlu_n": self.config.mmlu_n, "seed": self.config.seed},
+                   "cache": {"computed": self._cache.misses, "reused": self._cache.hits} if self._cache else {}}
         if "PRISM" in self.results and "Base" in self.results and "Expert (matched)" in self.results:
             metrics["routing_analysis"] = routing_correlation(self.results["PRISM"].routing,
                                                               self.results["Base"].scores,

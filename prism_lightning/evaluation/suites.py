@@ -48,8 +48,8 @@ def run_mmlu(model, rows: list[dict], row: Row, registry: PersonaRegistry, batch
     categories = [mmlu.SUBJECT_CATEGORY[r["subject"]] for r in rows]
     ids = [model.prompt_ids(mmlu.prompt_text(r), row.persona_text(registry, mmlu.CATEGORY_PERSONA[c]))
            for r, c in zip(rows, categories)]
-    logprobs, probs = model.next_token_logprobs(ids, row.route, batch_size)
-    correct = mmlu.score(logprobs, rows, mmlu.letter_ids(model.backbone.tokenizer)).float()
+    letters, probs = model.token_logprobs(ids, mmlu.letter_ids(model.backbone.tokenizer), row.route, batch_size)
+    correct = mmlu.score(letters[:, 0], rows, list(range(len(mmlu.LETTERS)))).float()
     routed = _routed(model, probs, row)
     result = SuiteResult()
     for cat, values in _by(categories, correct).items():
@@ -136,7 +136,7 @@ def run_preference(model, queries: list[str], judge_logprobs, formatter, decodin
              for q, p, b in zip(queries, prism, base)]
     second = [formatter.prompt_ids(PAIRWISE.format(question=q, a=p["text"], b=b["text"]), JUDGE_SYSTEM)
               for q, p, b in zip(queries, prism, base)]
-    lp = judge_logprobs(first + second)[:, choices]
+    lp = judge_logprobs(first + second, choices, 1)[:, 0]
     decision = decide_pairwise(lp[:len(queries)], lp[len(queries):], "debiased", margin)
     wins = decision.label.float()
     return {"win_rate": 100 * float(wins.mean()) if len(wins) else float("nan"), "n": len(queries),
