@@ -222,3 +222,23 @@ class StopAfterEpoch(__import__("lightning").pytorch.callbacks.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+class DestroyAdapter(__import__("lightning").pytorch.callbacks.Callback):
+    """Test helper: before the first real validation, make the adapter destroy accuracy and route every prompt to it.
+
+    LoRA B gets large random values (the adapter now rewrites every hidden state) and the gate threshold drops
+    to 0 (every gate probability passes), so the gated model answers MMLU through the broken adapter.
+    """
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        import torch
+
+        if trainer.sanity_checking:
+            return
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in pl_module.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 3.0)
+            pl_module.gate.threshold.fill_(0.0)

@@ -108,6 +108,17 @@ def test_strategy_fragments_compose(strategy, capsys):
     assert printed["trainer"]["strategy"] == yaml.safe_load(strategy.read_text())["trainer"]["strategy"]
 
 
+def test_full_benchmark_fragment_composes(capsys):
+    """configs/benchmark/full.yaml on top of a run config: the shared benchmark files, MMLU n = 1000, bfloat16."""
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config",
+              str(ROOT / "configs" / "benchmark" / "full.yaml"), "--print_config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["backbone"]["dtype"] == "bfloat16" and data["benchmark"]["mmlu_n"] == 1000
+    assert data["benchmark"]["mt_bench"].endswith("mt_bench_questions.jsonl")
+    assert data["personas"]["names"] == ["all"]  # the run config's keys survive the merge
+
+
 def test_fit_exports_and_user_callback_fires(tiny_model, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
     hooks = tmp_path / "hooks.json"
@@ -178,3 +189,45 @@ def test_non_finite_loss_stops_naming_step_and_batch(tiny_model, tmp_path, capsy
     assert done.value.code == 2
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "global step" in err and "batch" in err
+
+
+def _mmlu_base_gets_right(directory: Path, model_dir: Path) -> Path:
+    """A cais-style MMLU directory whose answers are the untouched base model's predictions (base accuracy 100 %)."""
+    import csv
+
+    from prism_lightning.backbone import BackboneConfig, load_backbone
+    from prism_lightning.chat import ChatFormatter
+    from prism_lightning.evaluation import mmlu
+    from prism_lightning.generation import token_logprobs
+
+    backbone = load_backbone(BackboneConfig(name_or_path=str(model_dir)))
+    rows = [{"question": f"Question {i}: which option fits case {i}?", "subject": s,
+             "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"]}
+            for i, s in enumerate(["college physics", "philosophy", "sociology", "virology"] * 5)]
+    formatter = ChatFormatter(backbone.tokenizer)
+    ids = [formatter.prompt_ids(mmlu.prompt_text(r)) for r in rows]
+    predicted = token_logprobs(backbone.model, backbone.tokenizer.pad_token_id, backbone.device, ids,
+                               mmlu.letter_ids(backbone.tokenizer))[:, 0].argmax(-1)
+    (directory / "test").mkdir(parents=True)
+    for subject in {r["subject"] for r in rows}:
+        with (directory / "test" / f"{subject.replace(' ', '_')}_test.csv").open("w", newline="") as fh:
+            csv.writer(fh).writerows([[r["question"], *r["choices"], "ABCD"[int(p)]]
+                                      for r, p in zip(rows, predicted) if r["subject"] == subject])
+    return directory
+
+
+def test_discriminative_check_stops_prism_fit_when_the_adapter_destroys_accuracy(tiny_model, tmp_path):
+    """Through `prism fit`: a 3-epoch run whose adapter is broken before the first validation ends after epoch 0."""
+    import csv
+
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
+    source = _mmlu_base_gets_right(tmp_path / "mmlu", tiny_model)
+    callbacks = [{"class_path": "conftest.DestroyAdapter"},
+                 {"class_path": "prism_lightning.callbacks.discriminative_check.DiscriminativeAccuracyCheck",
+                  "init_args": {"mmlu_source": str(source), "n": 20, "tolerance": 5.0, "mode": "stop"}}]
+    main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=3, extra_callbacks=callbacks))])
+    rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
+    checks = [r for r in rows if r.get("disc/drop")]
+    assert checks and float(checks[0]["disc/base_acc"]) == 100.0 and float(checks[0]["disc/drop"]) > 5.0
+    assert max(int(r["epoch"]) for r in rows if r.get("epoch")) == 0, "the run went on past the failed check"
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # finished work is kept
