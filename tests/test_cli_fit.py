@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,12 +196,15 @@ def _mmlu_base_gets_right(directory: Path, model_dir: Path) -> Path:
     """A cais-style MMLU directory whose answers are the untouched base model's predictions (base accuracy 100 %)."""
     import csv
 
-    from prism_lightning.backbone import BackboneConfig, load_backbone
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from prism_lightning.chat import ChatFormatter
     from prism_lightning.evaluation import mmlu
     from prism_lightning.generation import token_logprobs
 
-    backbone = load_backbone(BackboneConfig(name_or_path=str(model_dir)))
+    # A fresh load, not the process's backbone cache: an earlier fit in this process left its LoRA layers there.
+    backbone = SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+                               tokenizer=AutoTokenizer.from_pretrained(model_dir), device=torch.device("cpu"))
     rows = [{"question": f"Question {i}: which option fits case {i}?", "subject": s,
              "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"]}
             for i, s in enumerate(["college physics", "philosophy", "sociology", "virology"] * 5)]

@@ -1031,9 +1031,11 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
     assert metrics["subcategories"][2:] == ["MMLU/STEM", "MMLU/humanities", "MMLU/social sciences",
                                             "Safety/HarmBench", "Safety/jailbreak"]
     assert metrics["counts"]["MMLU/STEM"] == 3 and metrics["counts"]["MMLU/humanities"] == 3
-    # safety verdicts of the random self-judge are scored or counted as unreadable (counts: first row, Base)
-    assert metrics["counts"]["Safety/HarmBench"] + metrics["unreadable"]["Base/Safety/HarmBench"] == 3
-    assert metrics["counts"]["Safety/jailbreak"] + metrics["unreadable"]["Base/Safety/jailbreak"] == 2
+    # counts are items; each row's verdicts are either scored or counted as unreadable
+    assert metrics["counts"]["Safety/HarmBench"] == 3 and metrics["counts"]["Safety/jailbreak"] == 2
+    for name, row in metrics["rows"].items():
+        for key in ("Safety/HarmBench", "Safety/jailbreak"):
+            assert row["scored"][key] + metrics["unreadable"][f"{name}/{key}"] == metrics["counts"][key]
     assert metrics["skipped"] == {"mmlu": 0}
     for name, row in metrics["rows"].items():
         assert all(0.0 <= v <= 100.0 for v in row["scores"].values() if not math.isnan(v)), name
@@ -1044,10 +1046,12 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
     assert "routing_analysis" in metrics and metrics["routing_analysis"]["n"] >= 0
     assert metrics["preference"]["n"] == 2 and metrics["preference"]["judge_control_accuracy"] == 0.75
     assert 0.0 <= metrics["preference"]["win_rate"] <= 100.0
-    # MT-Bench verdicts are either scored or counted as unreadable (counts come from the first row, Base)
+    # MT-Bench turns are either scored or counted as unreadable, per row
     for cat, total in (("writing", 3), ("math", 1)):
         key = f"MT-Bench/{cat}"
-        assert metrics["counts"][key] + metrics["unreadable"][f"Base/{key}"] == total
+        assert metrics["counts"][key] == total
+        assert all(row["scored"][key] + metrics["unreadable"][f"{name}/{key}"] == total
+                   for name, row in metrics["rows"].items())
     for name in ("metrics.json", "scores.png", "report.md"):
         assert (tmp_path / "report" / name).is_file()
 
@@ -1149,7 +1153,8 @@ def test_benchmark_run_end_to_end_on_a_tiny_model(tmp_path, registry, gated):
         run.run_unit(gated, unit)
     metrics = run.finish({"name_or_path": "tiny"}, tmp_path / "out")
     assert set(metrics["rows"]) == set(ROW_NAMES)
-    assert metrics["counts"]["Safety/HarmBench"] + metrics["unreadable"]["Base/Safety/HarmBench"] == 3
+    assert metrics["counts"]["Safety/HarmBench"] == 3
+    assert metrics["rows"]["Base"]["scored"]["Safety/HarmBench"] + metrics["unreadable"]["Base/Safety/HarmBench"] == 3
     assert metrics["settings"]["safety_max_new_tokens"] == 2
     # PRISM's prompts equal Base/Ungated prompts: its generations, MMLU scores and judge verdicts are all reused
     assert metrics["cache"]["reused"] >= 10 + 4 + 5

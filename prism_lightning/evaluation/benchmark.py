@@ -182,10 +182,12 @@ class BenchmarkRun:
         """Rows × subcategories, Overall, routing rates and analysis, counts, unreadable verdicts."""
         subcats = sorted({k for r in self.results.values() for k in r.scores}, key=_order)
         rows = {name: {"scores": r.scores, "overall": overall(r.scores), "routing": r.routing,
-                       "intervals": r.intervals} for name, r in self.results.items()}
+                       "intervals": r.intervals, "scored": r.counts} for name, r in self.results.items()}
         any_row = next(iter(self.results.values()), SuiteResult())
+        # Items per subcategory are the same for every row; how many of them were scored depends on the judge.
+        items = {k: n + any_row.unreadable.get(k, 0) for k, n in any_row.counts.items()}
         metrics = {"model": model_reference.get("name_or_path"), "subcategories": subcats, "rows": rows,
-                   "counts": any_row.counts, "skipped": self.skipped,
+                   "counts": items, "skipped": self.skipped,
                    "unreadable": {f"{n}/{k}": v for n, r in self.results.items() for k, v in r.unreadable.items()},
                    "seconds": round(self.seconds, 1),
                    "settings": {"decoding": asdict(self.config.decoding),

@@ -12,11 +12,11 @@ from rich.table import Table
 
 def print_table(metrics: dict, console: Console | None = None) -> None:
     """Subcategories × rows with Overall last (the paper's Table 1, transposed to fit a terminal)."""
-    console = console or Console()
+    console = console or Console(width=None if Console().is_terminal else 160)  # logs: never cut names
     rows = metrics["rows"]
     table = Table(title="PRISM benchmark (0–100; MT-Bench ×10)")
-    table.add_column("subcategory")
-    table.add_column("n", justify="right")
+    table.add_column("subcategory", no_wrap=True, min_width=max(len(x) for x in metrics["subcategories"] or [""]))
+    table.add_column("items", justify="right")
     for name in rows:
         table.add_column(name, justify="right")
     for s in metrics["subcategories"]:
@@ -89,7 +89,8 @@ def write_report(metrics: dict, directory: Path) -> Path:
     for name, row in metrics["rows"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row["scores"].get(s)) for s in subcats) +
                      f" | {_fmt(row['overall'])} |")
-    lines += ["", "Sample counts: " + ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()), ""]
+    lines += ["", "Items per subcategory (MT-Bench: turns): " +
+              ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()), ""]
     unread = {k: v for k, v in metrics.get("unreadable", {}).items() if v}
     lines.append("Judge verdicts that could not be read (excluded, never scored): " +
                  (", ".join(f"{k} {v}" for k, v in unread.items()) if unread else "none") + ".")
