@@ -1164,3 +1164,17 @@ def test_benchmark_run_end_to_end_on_a_tiny_model(tmp_path, registry, gated):
             assert metrics["rows"]["PRISM"]["scores"][key] == base
     json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert "prompts computed" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_judge_naming_the_model_under_test_judges_with_the_adapter_off(tmp_path, registry, gated):
+    """A judge config equal to the tested model gets the cached backbone (adapter injected): it must judge as base."""
+    assert gated.backbone.adapter is not None
+    run = BenchmarkRun(BenchmarkConfig(mmlu="", judge=gated.backbone.config, **_benchmark_files(tmp_path)),
+                       registry, [], {})
+    _, _, logprobs, _ = run.judge(run.model(gated))
+    ids = [gated.prompt_ids(p) for p in ("Rate this.", "Is this a refusal?")]
+    tokens = mmlu.letter_ids(gated.backbone.tokenizer)
+    base = gated.token_logprobs(ids, tokens, "base")[0]
+    adapter = gated.token_logprobs(ids, tokens, "adapter")[0]
+    assert not torch.allclose(base, adapter, atol=1e-3)  # the adapter really changes these log-probs
+    torch.testing.assert_close(logprobs(ids, tokens, 1), base, atol=1e-4, rtol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -146,9 +147,13 @@ class BenchmarkRun:
 
             def logprobs(ids, tokens, tail=1):
                 out = torch.zeros(len(ids), tail, len(tokens))
-                for index in length_batches(ids, step):
-                    out[index] = token_logprobs(backbone.model, backbone.tokenizer.pad_token_id, backbone.device,
-                                                [ids[i] for i in index], tokens, tail)
+                # The judge config may name the model under test: the per-process cache then hands back the
+                # backbone with the adapter injected, which must stay off while it judges.
+                off = backbone.adapter.disable_adapter() if backbone.adapter is not None else nullcontext()
+                with off:
+                    for index in length_batches(ids, step):
+                        out[index] = token_logprobs(backbone.model, backbone.tokenizer.pad_token_id,
+                                                    backbone.device, [ids[i] for i in index], tokens, tail)
                 return out
         return (EvalJudge(formatter, logprobs, JUDGE_SYSTEM), EvalJudge(formatter, logprobs, REFUSAL_SYSTEM),
                 logprobs, formatter)
