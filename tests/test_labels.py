@@ -9,6 +9,7 @@ import pytest
 from prism_lightning.bootstrap.answers import BASELINE
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
+from prism_lightning.bootstrap.judge import POINTWISE
 from prism_lightning.bootstrap.protocols import wilson_interval
 
 # (first, second) log-probs over (A, B, TIE); first order shows (baseline, candidate), second (candidate, baseline).
@@ -211,3 +212,25 @@ def test_control_accuracy_pointwise():
 def test_control_accuracy_without_pairs():
     assert control_accuracy([], {}, JudgeConfig()) == {"control_accuracy": None, "control_n": 0,
                                                        "control_ci95": [0.0, 1.0]}
+
+
+def test_score_points_stores_the_two_forward_grade_log_probs(tiny_backbone, tmp_path):
+    """The corpus judge's pointwise grades, read in one forward, equal scoring prompt and prompt + "1" apart."""
+    from prism_lightning.bootstrap.judge import Judge
+    from prism_lightning.generation import next_token_logprobs
+    from prism_lightning.jsonl import JsonlSink, read_jsonl
+
+    judge = Judge(tiny_backbone, JudgeConfig(protocol="pointwise"))
+    answers = [{"id": "a", "question": "What is 2+2?", "answer": "4"},
+               {"id": "b", "question": "Name a colour, with a short reason why you like it.", "answer": "Blue."}]
+    path = tmp_path / "points.jsonl"
+    judge.score_points(answers, JsonlSink(path), "grades")
+    stored = {r["id"]: r for r in read_jsonl(path)}
+    for answer in answers:
+        ids = judge._prompt_ids(POINTWISE.format(question=answer["question"], answer=answer["answer"]))
+        args = (tiny_backbone.model, tiny_backbone.tokenizer.pad_token_id, tiny_backbone.device)
+        first = next_token_logprobs(*args, [ids])[0]
+        after_one = next_token_logprobs(*args, [ids + [judge.digit_ids[0]]])[0]
+        assert stored[answer["id"]]["digits"] == pytest.approx(first[judge.digit_ids].tolist(), abs=1e-4)
+        assert stored[answer["id"]]["ten"] == pytest.approx(float(first[judge.digit_ids[0]] +
+                                                                  after_one[judge.zero_id]), abs=1e-4)

@@ -8,8 +8,9 @@ import torch
 
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import JudgeConfig
+from prism_lightning.bootstrap.protocols import split_grade_logprobs
 from prism_lightning.chat import ChatFormatter
-from prism_lightning.generation import next_token_logprobs
+from prism_lightning.generation import next_token_logprobs, token_logprobs
 from prism_lightning.jsonl import JsonlSink
 from prism_lightning.progress import progress
 
@@ -90,10 +91,10 @@ class Judge:
         one = self.digit_ids[0]
 
         def score(batch: list[dict]) -> list[dict]:
-            lp = self.next_token_logprobs([i["prompt_ids"] for i in batch])
-            after_one = self.next_token_logprobs([i["prompt_ids"] + [one] for i in batch])
-            ten = lp[:, one] + after_one[:, self.zero_id]
-            return [{"id": item["id"], "digits": lp[k, self.digit_ids].tolist(), "ten": float(ten[k])}
+            tail = token_logprobs(self.backbone.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                                  [i["prompt_ids"] + [one] for i in batch], self.digit_ids + [self.zero_id], 2)
+            digits, ten = split_grade_logprobs(tail)
+            return [{"id": item["id"], "digits": digits[k].tolist(), "ten": float(ten[k])}
                     for k, item in enumerate(batch)]
 
         self._run(items, sink, description, score)

@@ -45,6 +45,14 @@ def decide_pairwise(first: torch.Tensor, second: torch.Tensor, protocol: str, ma
                             position_biased=biased, ties=ties, unparseable=unparseable)
 
 
+def split_grade_logprobs(tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-digit log-probs [n, 9] and log P("10") [n] from one forward over prompt + "1".
+
+    ``tail`` is [n, 2, 10]: columns "1".."9", "0", read after the prompt (row 0) and after the appended "1" (row 1).
+    """
+    return tail[:, 0, :9], tail[:, 0, 0] + tail[:, 1, 9]
+
+
 def expected_score(digit_logprobs: torch.Tensor, ten_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expected 1–10 grade and its probability mass from log-probs of first tokens "1".."9" ([n, 9]) and of "10".
 

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from prism_lightning.bootstrap.judge import single_token
-from prism_lightning.bootstrap.protocols import expected_score
+from prism_lightning.bootstrap.protocols import expected_score, split_grade_logprobs
 from prism_lightning.chat import ChatFormatter
 
 # (prompts, token ids, tail) -> log-probs of those tokens after each prompt's last ``tail`` positions [n, tail, k].
@@ -43,10 +43,8 @@ class EvalJudge:
 
     def grade(self, prompts: Sequence[str]) -> Verdicts:
         """Expected 1–10 grade per prompt (the prompt asks for a number)."""
-        # One forward over prompt + "1": the next-to-last position gives the first digit, the last one "0" after "1".
         lp = self.logprobs([i + [self.digits[0]] for i in self._ids(prompts)], self.digits + [self.zero], 2)
-        first, zero_after_one = lp[:, 0, :9], lp[:, 1, 9]
-        score, mass = expected_score(first, first[:, 0] + zero_after_one)
+        score, mass = expected_score(*split_grade_logprobs(lp))
         return Verdicts(score, mass, mass >= self.min_mass)
 
     def yes_probability(self, prompts: Sequence[str]) -> Verdicts:
