@@ -67,7 +67,7 @@ def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
 
     from prism_lightning.chat import ChatFormatter
     from prism_lightning.generation import DecodingConfig, generate_batch
-    from prism_lightning.modules.gate import GateMLP
+    from prism_lightning.gate_mlp import GateMLP
     from prism_lightning.routing import GatedModel
 
     torch.manual_seed(0)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from prism_lightning.chat import set_template_kwargs
 from prism_lightning.errors import PrismError
+from prism_lightning.templates import load_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ class BackboneConfig:
         trust_remote_code: run model code from the hub; off unless you ask.
         revision: hub revision to pin.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``; used outside the Trainer (bootstrap).
+        chat_template: a packaged template name (``llama-3.1``, ``mistral-v0.3``, ``deepseek-r1``) or a Jinja
+            file that replaces the tokenizer's own chat template; unset keeps the model's.
+        chat_template_kwargs: extra template variables for every prompt, e.g. ``{date_string: "26 Jul 2024"}``
+            so a template that prints today's date renders the same prompts (and stage hashes) every day.
     """
 
     name_or_path: str = EMBEDDED
@@ -44,10 +51,14 @@ class BackboneConfig:
     trust_remote_code: bool = False
     revision: Optional[str] = None
     device: str = "auto"
+    chat_template: Optional[str] = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise PrismError(f"backbone.dtype: unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES)}")
+        if self.chat_template:
+            load_chat_template(self.chat_template)  # a wrong name or path fails with the config, not at first use
 
 
 @dataclass
@@ -196,12 +207,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-_LOADED: dict[tuple, Backbone] = {}
+_LOADED: dict[str, Backbone] = {}
+
+
+def cache_key(config: BackboneConfig) -> str:
+    """The per-process cache key of a config (JSON, since ``chat_template_kwargs`` is a dict)."""
+    return json.dumps(asdict(config), sort_keys=True, default=str)
 
 
 def load_backbone(config: BackboneConfig) -> Backbone:
     """Load (once per process) the model and tokenizer described by ``config``."""
-    key = tuple(sorted(asdict(config).items()))
+    key = cache_key(config)
     if key in _LOADED:
         return _LOADED[key]
     start = time.perf_counter()
@@ -209,8 +225,21 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     model.to(resolve_device(config.device)).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if config.chat_template:  # after loading, so the override wins over the tokenizer's own template
+        tokenizer.chat_template = load_chat_template(config.chat_template)
+    set_template_kwargs(tokenizer, config.chat_template_kwargs)
     backbone = Backbone(model=model, tokenizer=tokenizer, config=config, fingerprint=weights_fingerprint(model))
     log.info("loaded %s in %.1fs (fingerprint %s)", config.name_or_path, time.perf_counter() - start,
              backbone.fingerprint)
     _LOADED[key] = backbone
     return backbone
+
+
+def check_base_model(recorded: Optional[dict], backbone: Backbone, what: str) -> None:
+    """Raise when ``recorded`` names different base weights than the loaded backbone."""
+    if recorded is None:
+        raise PrismError(f"{what} records no base model; it was not made by prism_lightning")
+    if recorded.get("fingerprint") != backbone.fingerprint:
+        raise PrismError(f"{what} was made for base model {recorded.get('name_or_path')} (fingerprint "
+                         f"{recorded.get('fingerprint')}), but the loaded base is {backbone.config.name_or_path} "
+                         f"(fingerprint {backbone.fingerprint})")

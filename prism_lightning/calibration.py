@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_calibration_error
 
+from prism_lightning.gate_verdict import TEMPERATURE_CLAMP
+
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
     """Binary ECE (L1, equal-width bins) from torchmetrics."""
@@ -16,19 +18,25 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 100) -> float:
-    """The temperature T > 0 that minimises the BCE of ``logits / T`` (Guo et al. 2017), fitted with LBFGS."""
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
-    logits, labels = logits.detach().float(), labels.detach().float()
+    """The temperature T > 0 that minimises the BCE of ``logits / T`` (Guo et al. 2017), fitted with LBFGS.
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
+    Works under ``prism validate`` too, where Lightning runs in inference mode: the fit leaves it locally and
+    works on normal (non-inference) copies of the inputs.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        logits, labels = logits.detach().float().clone(), labels.detach().float().clone()
+        log_t = torch.zeros((), requires_grad=True)
+        optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
 
-    optimizer.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(logits / log_t.exp(), labels)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    low, high = TEMPERATURE_CLAMP
+    return float(log_t.detach().exp().clamp(low, high).item())
 
 
 def select_threshold(probs: torch.Tensor, labels: torch.Tensor, method: str = "balanced_accuracy",

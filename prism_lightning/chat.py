@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 Placement = Literal["system", "user"]
 PLACEMENTS: tuple[str, ...] = ("system", "user")
 _PROBE = "PRISM-SYSTEM-PROBE"
+# The backbone loader attaches ``BackboneConfig.chat_template_kwargs`` to its tokenizer under this name, so every
+# formatter built on that tokenizer (corpus, training, evaluation, export) renders with them, never without.
+_KWARGS_ATTR = "prism_chat_template_kwargs"
+
+
+def set_template_kwargs(tokenizer: Any, kwargs: Mapping[str, Any]) -> None:
+    """Attach extra chat-template variables (e.g. Llama-3.1's ``date_string``) to a tokenizer."""
+    setattr(tokenizer, _KWARGS_ATTR, dict(kwargs))
+
+
+def attached_template_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """The chat-template variables attached to ``tokenizer`` (empty when none)."""
+    return dict(getattr(tokenizer, _KWARGS_ATTR, None) or {})
+
+
+def template_fingerprint(tokenizer: Any) -> str:
+    """Short hash of the chat template and its variables: what every rendered prompt depends on."""
+    template = getattr(tokenizer, "chat_template", None)
+    blob = json.dumps([template, attached_template_kwargs(tokenizer)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -37,23 +59,26 @@ class ChatFormatter:
 
     Without a persona no system message is sent, so the template's own default applies, exactly as at
     inference where the user sends only the query. Templates without a system role (they raise, or drop
-    the system text) fall back to user placement.
+    the system text) fall back to user placement. ``template_kwargs`` (extra template variables, default: those
+    the backbone loader attached to the tokenizer) go to every ``apply_chat_template`` call.
     """
 
-    def __init__(self, tokenizer: Any, placement: Placement = "system") -> None:
+    def __init__(self, tokenizer: Any, placement: Placement = "system",
+                 template_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         if placement not in PLACEMENTS:
             raise ValueError(f"persona placement must be one of {PLACEMENTS}, got {placement!r}")
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("tokenizer has no chat_template; set one before formatting chats")
         self.tokenizer = tokenizer
         self.placement: Placement = placement
+        self.template_kwargs = attached_template_kwargs(tokenizer) if template_kwargs is None else dict(template_kwargs)
         self.supports_system = self._probe_system_role()
 
     def _probe_system_role(self) -> bool:
         try:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "system", "content": _PROBE}, {"role": "user", "content": "hi"}],
-                tokenize=False, add_generation_prompt=True)
+                tokenize=False, add_generation_prompt=True, **self.template_kwargs)
         except Exception:  # jinja raises TemplateError from templates that reject a system role
             return False
         return _PROBE in text
@@ -83,7 +108,7 @@ class ChatFormatter:
                     history: Sequence[tuple[str, str]] = ()) -> str:
         """The rendered prompt, ending with the generation prompt."""
         return self.tokenizer.apply_chat_template(self.messages(query, persona, placement, history),
-                                                  tokenize=False, add_generation_prompt=True)
+                                                  tokenize=False, add_generation_prompt=True, **self.template_kwargs)
 
     def prompt_ids(self, query: str, persona: Optional[str] = None, placement: Optional[Placement] = None,
                    history: Sequence[tuple[str, str]] = ()) -> list[int]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +20,10 @@ from prism_lightning.bootstrap.corpus import check_both_classes
 from prism_lightning.data import BootstrapDataModule
 from prism_lightning.errors import PrismError
 from prism_lightning.modules.prism import PrismModule
-from prism_lightning.summary import print_corpus_summary
+from prism_lightning.gate_verdict import gate_verdict
+from prism_lightning.notices import quiet_third_party_notices
+from prism_lightning.progress import announce
+from prism_lightning.summary import print_corpus_lines, print_corpus_summary
 
 
 class PrismTrainer(L.Trainer):
@@ -53,22 +61,50 @@ def load_checkpoint(path: Path) -> dict:
     from prism_lightning.generation import DecodingConfig
     from prism_lightning.modules.student import LoraSettings
 
-    with torch.serialization.safe_globals([BackboneConfig, LoraSettings, DecodingConfig]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([BackboneConfig, LoraSettings, DecodingConfig]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # never relay torch's advice to retry with weights_only=False
+        raise PrismError(f"{path}: corrupt or incomplete checkpoint ({type(exc).__name__}); resume from an "
+                         f"earlier checkpoint or retrain") from None
 
 
 def resolve_checkpoint(root: str, ckpt_path: str) -> Path:
-    """Map ``last``/``best`` to files under ``<root>/checkpoints``; fail naming the path when absent."""
+    """Map ``last``/``best`` to files under ``<root>/checkpoints``; fail naming the path when absent.
+
+    ``best`` is the best checkpoint by a monitored metric, as a ModelCheckpoint recorded it (``best_model_path`` in
+    the ``callbacks`` state of the newest checkpoint), never merely the newest epoch file.
+    """
     directory = Path(root) / "checkpoints"
     if ckpt_path in ("last", "best"):
-        candidates = sorted(directory.glob("last*.ckpt" if ckpt_path == "last" else "epoch=*.ckpt"),
+        candidates = sorted(directory.glob("last*.ckpt" if ckpt_path == "last" else "*.ckpt"),
                             key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise PrismError(f"no {ckpt_path} checkpoint under {directory}; run `prism fit` first")
-        return candidates[-1]
+        return candidates[-1] if ckpt_path == "last" else _best_checkpoint(candidates[-1])
     if not Path(ckpt_path).is_file():
         raise PrismError(f"ckpt_path: checkpoint not found: {ckpt_path}")
     return Path(ckpt_path)
+
+
+def _best_checkpoint(newest: Path) -> Path:
+    """The ``best_model_path`` that a metric-monitoring ModelCheckpoint recorded in ``newest``; else one clear line."""
+    states = load_checkpoint(newest).get("callbacks", {})
+    # ModelCheckpoint state (any subclass): monitor, best_model_path, best_model_score, ...
+    best = {s["monitor"]: s.get("best_model_path") for s in states.values()
+            if isinstance(s, dict) and "best_model_path" in s and s.get("monitor")}
+    if not best:
+        raise PrismError(f"ckpt_path best: no ModelCheckpoint in {newest} monitors a metric, so there is no best; "
+                         f"set trainer.callbacks ModelCheckpoint monitor (e.g. val/loss) or use last or a file")
+    if len(set(best.values())) > 1:
+        raise PrismError(f"ckpt_path best: ModelCheckpoints monitoring {', '.join(best)} disagree on the best "
+                         f"checkpoint; pass the file")
+    monitor, path = next(iter(best.items()))
+    # A run directory moved since training keeps its file names: look beside the newest checkpoint too.
+    found = next((p for p in (Path(path), newest.parent / Path(path).name) if path and p.is_file()), None)
+    if found is None:
+        raise PrismError(f"ckpt_path best: the best checkpoint by {monitor} ({path or 'none recorded'}) is missing")
+    return found
 
 
 class PrismCLI(LightningCLI):
@@ -82,13 +118,56 @@ class PrismCLI(LightningCLI):
         commands["export"] = {"model", "datamodule"}
         return commands
 
+    current: Optional["PrismCLI"] = None  # the running CLI, so main() can clean up after a failed command
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        """The Trainer, with every checkpoint callback that names no ``dirpath`` writing to ``<root>/checkpoints``.
+
+        Lightning's own default would be ``<root>/lightning_logs/version_N/checkpoints``, where
+        ``--ckpt_path last`` of the next command cannot find it.
+        """
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PrismError(f"trainer.default_root_dir: cannot create {trainer.default_root_dir} "
+                             f"({exc.strerror})") from None
+        for callback in trainer.callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
+        PrismCLI.current = self
+        return trainer
+
+    def resolve_ckpt_path(self) -> None:
+        """``--ckpt_path last|best|FILE`` must name a checkpoint that exists: else one line, never a fresh start."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path"):
+            path = resolve_checkpoint(self.trainer.default_root_dir, config["ckpt_path"])
+            load_checkpoint(path)  # a corrupt file fails here, in one line
+            config["ckpt_path"] = str(path)
+
+    def before_fit(self) -> None:
+        """Resolve the checkpoint to resume from."""
+        self.resolve_ckpt_path()
+
+    def before_validate(self) -> None:
+        """Resolve the checkpoint to validate."""
+        self.resolve_ckpt_path()
+
+    def before_test(self) -> None:
+        """Resolve the checkpoint to benchmark."""
+        self.resolve_ckpt_path()
+
     def add_arguments_to_parser(self, parser) -> None:
         """One backbone and placement for data and model: defined under ``data``, linked to ``model``."""
         parser.link_arguments("data.backbone", "model.init_args.backbone", apply_on="parse")
         parser.link_arguments("data.placement", "model.init_args.placement", apply_on="parse")
 
     def before_predict(self) -> None:
-        """Write predictions to JSONL unless the user configured a writer."""
+        """Resolve the checkpoint; write predictions to JSONL unless the user configured a writer."""
+        self.resolve_ckpt_path()
         from lightning.pytorch.callbacks import BasePredictionWriter
 
         from prism_lightning.callbacks.prediction_writer import PredictionWriter
@@ -97,10 +176,12 @@ class PrismCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
 
     def after_fit(self) -> None:
-        """Export the trained adapter and gate, and show the held-out metrics."""
+        """Export the trained adapter and gate, and say in plain words what the run shows."""
         if not self.trainer.is_global_zero:
             return
-        out = self.model.export(Path(self.trainer.default_root_dir) / "export")
+        out_dir = Path(self.trainer.default_root_dir) / "export"
+        announce("export", str(out_dir))
+        out = self.model.export(out_dir)
         shown = ("val/", "disc/", "calibration/", "routing/")
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(shown)}
         table = Table(title="held-out validation (last epoch)")
@@ -110,15 +191,41 @@ class PrismCLI(LightningCLI):
             table.add_row(key, f"{metrics[key]:.4f}")
         console = Console()
         console.print(table)
+        corpus = self.datamodule.corpus
+        if corpus is not None:
+            print_corpus_lines(corpus, console)
+        outputs = getattr(self.model, "val_gate_outputs", [])
+        if outputs:
+            logits = torch.cat([o["logits"] for o in outputs])
+            labels = torch.cat([o["labels"] for o in outputs])
+            console.print(gate_verdict(logits, labels, float(self.model.gate.temperature)).text)
         console.print(f"export: {out}  (load with prism_lightning.GatedModel.from_pretrained)")
+
+
+def discard_empty_log_dir(cli: Optional[PrismCLI]) -> None:
+    """Remove the ``lightning_logs/version_N`` a failed command created holding nothing but its config copy."""
+    logger = getattr(getattr(cli, "trainer", None), "logger", None)
+    if logger is None or getattr(logger, "_version", None) is None:
+        return  # no version directory was ever made
+    directory = Path(logger.log_dir)
+    if directory.is_dir() and {p.name for p in directory.iterdir()} <= {"config.yaml", "hparams.yaml"}:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``prism`` console script."""
+    quiet_third_party_notices()
     try:
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    except SIGTERMException:
+        # Lightning stops at the next batch boundary and raises SystemExit(None): exit 0, as if the run had
+        # finished. A scheduler must see that it did not.
+        print("error: stopped by SIGTERM; the last finished epoch is in <root>/checkpoints/last.ckpt — resume "
+              "with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (PrismError, FileNotFoundError) as exc:
+        discard_empty_log_dir(PrismCLI.current)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

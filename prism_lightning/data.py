@@ -16,10 +16,13 @@ from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
 from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
 from prism_lightning.chat import ChatFormatter, Placement
+from prism_lightning.checks import check_data
 from prism_lightning.errors import PrismError
 from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
-from prism_lightning.jsonl import read_jsonl
+from prism_lightning.jsonl import read_jsonl_numbered
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.progress import announce
+from prism_lightning.teacher_text import TeacherText, teacher_texts
 
 
 def stratified_split(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -71,7 +74,7 @@ class Collator:
         """Student and teacher encodings of one item; retain items use the baseline answer and no persona."""
         distill = item["label"] == 1
         response = item["persona_answer"] if distill else item["baseline_answer"]
-        persona = self.persona_texts.get(item["target_persona"]) if distill else None
+        persona = self.teacher_text(item["target_persona"]) if distill else None
         student = self.formatter.encode(item["query"], response)
         teacher = self.formatter.encode(item["query"], response, persona)
         room = self.max_length - max(student.prompt_len, teacher.prompt_len)
@@ -81,6 +84,13 @@ class Collator:
         return {"student": student.input_ids[:student.prompt_len + n_resp], "s_start": student.prompt_len,
                 "teacher": teacher.input_ids[:teacher.prompt_len + n_resp], "t_start": teacher.prompt_len,
                 "n_resp": n_resp, "label": float(item["label"]), "id": item["id"]}
+
+    def teacher_text(self, name: str) -> str:
+        """The teacher's persona text; an unknown name is an error, never a persona-less (KL = 0) teacher."""
+        try:
+            return self.persona_texts[name]
+        except KeyError:
+            raise PrismError(f"unknown target persona {name!r}; known: {', '.join(self.persona_texts)}") from None
 
     def __call__(self, items: list[dict]) -> dict[str, Any]:
         enc = [self.encode_item(i) for i in items]
@@ -127,6 +137,8 @@ class BootstrapDataModule(L.LightningDataModule):
         seed: split and sampler seed.
         bootstrap: run or resume stages 1–3 before training; false uses ``corpus_dir`` exactly as it is.
         predict_file: JSONL of ``{"prompt": ...}`` rows for ``prism predict``.
+        teacher_text: ``corpus`` (the persona texts recorded with the corpus; a differing config text is an
+            error) or ``config`` (distil the configured texts anyway, logged).
         benchmark: what ``prism test`` evaluates (MMLU, MT-Bench, safety sets, preference).
     """
 
@@ -135,7 +147,8 @@ class BootstrapDataModule(L.LightningDataModule):
                  judge: JudgeConfig = JudgeConfig(), placement: Placement = "system",
                  corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
-                 predict_file: Optional[str] = None, benchmark: BenchmarkConfig = BenchmarkConfig()) -> None:
+                 predict_file: Optional[str] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
+                 teacher_text: TeacherText = "corpus") -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -145,6 +158,9 @@ class BootstrapDataModule(L.LightningDataModule):
         self.balance, self.seed = balance, seed
         self.bootstrap, self.predict_file = bootstrap, predict_file
         self.benchmark_config = benchmark
+        self.teacher_text = teacher_text
+        self.teacher_texts: dict[str, str] = {}
+        check_data(self, benchmark)
         self.benchmark: Optional[BenchmarkRun] = None
         self.corpus: Optional[Corpus] = None
         self.train_items: list[dict] = []
@@ -166,8 +182,13 @@ class BootstrapDataModule(L.LightningDataModule):
         return self.corpus
 
     def prepare_data(self) -> None:
-        """Build or reuse the corpus on disk (rank 0 only, as Lightning calls it)."""
-        if self.bootstrap and self.predict_file is None:
+        """Build or reuse the corpus on disk for a fit (rank 0 only, as Lightning calls it).
+
+        validate/test/predict only read a run: they use the corpus as it is and never rebuild it.
+        """
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if self.bootstrap and fitting:
+            announce("bootstrap", f"stages 1-3 into {self.resolve_corpus_dir()} (finished stages are reused)")
             self.build_corpus()
 
     def setup(self, stage: str) -> None:
@@ -176,10 +197,12 @@ class BootstrapDataModule(L.LightningDataModule):
             return
         self.corpus = load_corpus(self.resolve_corpus_dir())
         check_both_classes(self.corpus, self.judge_config)
+        self.teacher_texts = teacher_texts(self.corpus, PersonaRegistry.from_config(self.persona_config),
+                                           self.teacher_text)
         self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
         if stage == "test":
             self.benchmark = BenchmarkRun(self.benchmark_config, PersonaRegistry.from_config(self.persona_config),
-                                          self.val_items, self.corpus.manifest.get("judge", {}))
+                                          self.val_items, self.corpus.manifest.get("judge", {}), self.placement)
         split = {"train": [i["id"] for i in self.train_items], "val": [i["id"] for i in self.val_items]}
         if self.trainer is not None and self.trainer.is_global_zero:
             (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))
@@ -187,9 +210,7 @@ class BootstrapDataModule(L.LightningDataModule):
     def collator(self) -> Collator:
         """The collate function, with this run's tokenizer, placement and persona texts."""
         tokenizer = load_backbone(self.backbone_config).tokenizer
-        registry = PersonaRegistry.from_config(self.persona_config)
-        return Collator(ChatFormatter(tokenizer, self.placement), {p.name: p.text for p in registry},
-                        self.max_length)
+        return Collator(ChatFormatter(tokenizer, self.placement), self.teacher_texts, self.max_length)
 
     def train_dataloader(self) -> DataLoader:
         """Training batches; the minority gate class is resampled so both classes are seen equally."""
@@ -208,11 +229,13 @@ class BootstrapDataModule(L.LightningDataModule):
         path = Path(self.predict_file)
         if not path.is_file():
             raise PrismError(f"data.predict_file: file not found: {path}")
-        rows = read_jsonl(path)
-        for number, row in enumerate(rows, start=1):
+        numbered = read_jsonl_numbered(path)
+        if not numbered:
+            raise PrismError(f"data.predict_file: {path} holds no prompts (expected one {{\"prompt\": ...}} per line)")
+        for number, row in numbered:
             if not isinstance(row.get("prompt"), str):
                 raise PrismError(f"{path}:{number}: expected a string field \"prompt\"")
-        rows = [{"id": row.get("id", str(n)), "prompt": row["prompt"]} for n, row in enumerate(rows)]
+        rows = [{"id": str(row.get("id", n)), "prompt": row["prompt"]} for n, (_, row) in enumerate(numbered)]
         return DataLoader(rows, batch_size=self.batch_size, shuffle=False, collate_fn=list)
 
     def test_dataloader(self) -> DataLoader:

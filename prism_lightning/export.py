@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from prism_lightning.errors import PrismError
 
@@ -28,7 +28,10 @@ def export_artifact(module: Any, directory: Path) -> Path:
         "base_model": backbone.reference,
         "backbone": {"name_or_path": backbone.config.name_or_path, "dtype": backbone.config.dtype,
                      "revision": backbone.config.revision,
-                     "trust_remote_code": backbone.config.trust_remote_code},
+                     "trust_remote_code": backbone.config.trust_remote_code,
+                     # the gate was trained on prompts rendered this way: inference must render them the same
+                     "chat_template": backbone.config.chat_template,
+                     "chat_template_kwargs": dict(backbone.config.chat_template_kwargs)},
         "feature_layer": 0,
         "feature_position": "last prompt token after the generation prompt",
         "persona_placement_trained": module.placement,
@@ -51,3 +54,17 @@ def check_export(directory: Path) -> dict:
         return json.loads((directory / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise PrismError(f"{directory / CONFIG_FILE}:{exc.lineno}: malformed export config ({exc.msg})") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    """Tensors of a safetensors file; a truncated or corrupt file is one line naming it."""
+    try:
+        return load_file(Path(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError or ValueError
+        raise PrismError(f"{path}: corrupt or incomplete safetensors file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); export again") from None
+
+
+def check_adapter_weights(directory: Path) -> None:
+    """Read the adapter's weights once so that a corrupt file fails with its name, not inside PEFT."""
+    read_safetensors(Path(directory) / ADAPTER_DIR / "adapter_model.safetensors")

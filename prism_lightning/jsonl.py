@@ -16,6 +16,11 @@ def read_jsonl(path: Path, repair_tail: bool = False) -> list[dict]:
     A last line without its newline is a write that a kill cut short: with ``repair_tail`` it is
     removed from the file (the item is simply not done yet), otherwise it is an error like any other.
     """
+    return [record for _, record in read_jsonl_numbered(path, repair_tail)]
+
+
+def read_jsonl_numbered(path: Path, repair_tail: bool = False) -> list[tuple[int, dict]]:
+    """Like ``read_jsonl``, with each record's physical line number (blank lines counted) for error messages."""
     path = Path(path)
     if not path.exists():
         return []
@@ -29,37 +34,55 @@ def read_jsonl(path: Path, repair_tail: bool = False) -> list[dict]:
         lines.append(tail)
     records = []
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PrismError(f"{path}:{number}: not UTF-8 text (byte {line[exc.start]:#04x} at column "
+                             f"{exc.start + 1})") from None
+        if not text.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PrismError(f"{path}:{number}: malformed JSONL line ({exc.msg})") from None
         if not isinstance(record, dict):
             raise PrismError(f"{path}:{number}: malformed JSONL line (expected a JSON object)")
-        records.append(record)
+        records.append((number, record))
     return records
 
 
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file; undecodable bytes are one line naming the file, line and column."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PrismError(f"{path}:{line}: {what} is not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                         f"{column})") from None
+
+
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    """Replace ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` atomically (temp file + rename); an identical file is left untouched."""
+    _replace(Path(path), "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write a JSON document atomically."""
-    path = Path(path)
+    """Write a JSON document atomically; an identical file is left untouched."""
+    _replace(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    data = text.encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return  # commands that only re-read a run must not rewrite its files
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

@@ -25,12 +25,6 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is true; 0 (with a graph) when nothing is selected."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 def response_logits(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Logits that predict each response token: ``logits[b, positions[b, t]]`` -> [B, R, V]."""
     index = positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from prism_lightning.errors import PrismError
+from prism_lightning.jsonl import read_text
 from prism_lightning.persona_specs import DOMAINS, GRANULARITIES, DomainSpec, build_persona_text
 
 # Question kinds for contexts that come from files, where no domain spec says what users ask.
@@ -106,7 +107,7 @@ def read_context_file(path: Path, key: str) -> str:
     """Read a user context file; a missing or empty file is a one-line error naming the key and path."""
     if not path.is_file():
         raise PrismError(f"{key}: persona file not found: {path}")
-    text = path.read_text(encoding="utf-8").strip()
+    text = read_text(path, f"{key}: persona file").strip()
     if not text:
         raise PrismError(f"{key}: persona file is empty: {path}")
     return text

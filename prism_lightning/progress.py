@@ -33,3 +33,8 @@ def progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
             state["next"] = state["done"] + max(1, total // 10)
 
     yield advance
+
+
+def announce(stage: str, detail: str = "") -> None:
+    """One line naming the stage a command enters; plain text when the output is not a terminal."""
+    Console(stderr=True, highlight=False).print(f"[bold]== prism: {stage}[/bold]" + (f" — {detail}" if detail else ""))

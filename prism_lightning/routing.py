@@ -6,15 +6,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from safetensors.torch import load_file
 
-from prism_lightning.backbone import BackboneConfig, load_backbone
+from prism_lightning.backbone import BackboneConfig, check_base_model, load_backbone
 from prism_lightning.chat import ChatFormatter
-from prism_lightning.export import ADAPTER_DIR, GATE_FILE, check_export
+from prism_lightning.export import ADAPTER_DIR, GATE_FILE, check_adapter_weights, check_export, read_safetensors
 from prism_lightning.features import layer0_features
 from prism_lightning.generation import DecodingConfig, generate_batch, left_pad, length_batches, token_logprobs
-from prism_lightning.modules.gate import GateMLP
-from prism_lightning.modules.student import check_base_model
+from prism_lightning.gate_mlp import GateMLP
 
 ADAPTER = "prism"
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
@@ -44,12 +42,13 @@ class GatedModel:
         bb_config = BackboneConfig(**{**config["backbone"], "device": device or "auto"})
         backbone = load_backbone(bb_config)
         check_base_model(config.get("base_model"), backbone, f"export {directory}")
+        check_adapter_weights(directory)
         peft_model = backbone.wrap(
             lambda model: PeftModel.from_pretrained(model, str(directory / ADAPTER_DIR), adapter_name=ADAPTER))
         peft_model.eval()
         g = config["gate"]
         gate = GateMLP(g["hidden_size"], g["dims"])
-        gate.load_state_dict(load_file(directory / GATE_FILE))
+        gate.load_state_dict(read_safetensors(directory / GATE_FILE))
         gate.eval().to(backbone.device)
         return cls(backbone, peft_model, gate, float(g["threshold"]), float(g["temperature"]))
 
@@ -74,10 +73,10 @@ class GatedModel:
                                                                              dtype=torch.bool)
         return [self.adapter_name if u else BASE for u in use.tolist()], probs
 
-    def prompt_ids(self, prompt: str, persona: Optional[str] = None,
-                   history: Sequence[tuple[str, str]] = ()) -> list[int]:
-        """Chat-formatted prompt ids (a persona only for the expert-prompting baseline)."""
-        return self.formatter.prompt_ids(prompt, persona, history=history)
+    def prompt_ids(self, prompt: str, persona: Optional[str] = None, history: Sequence[tuple[str, str]] = (),
+                   placement: Optional[str] = None) -> list[int]:
+        """Chat-formatted prompt ids (a persona only for the expert-prompting baseline, placed as ``placement``)."""
+        return self.formatter.prompt_ids(prompt, persona, placement, history=history)
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], decoding: DecodingConfig = DecodingConfig(),

@@ -36,9 +36,26 @@ def print_corpus_summary(corpus: Corpus, console: Console | None = None) -> None
     table.add_row("[bold]all", str(c["queries"]), str(c["distill"]), str(c["retain"]),
                   f"{c['distill'] / total:.0%}" if total else "–", end_section=True)
     console.print(table)
-    j = m["judge"]
+    print_judge_lines(corpus, console)
+    console.print(f"stage seconds: {m['seconds']}  manifest: {corpus.directory / 'manifest.json'}")
+
+
+def print_judge_lines(corpus: Corpus, console: Console) -> None:
+    """The judge's statistics and the plain-words reliability verdict."""
+    j = corpus.manifest.get("judge")
+    if not j:
+        console.print("judge: the manifest records no judge statistics (a corpus not built by `prism bootstrap`): "
+                      "the labels' reliability is unknown.")
+        return
     bias = "n/a" if j.get("position_bias_rate") is None else f"{j['position_bias_rate']:.0%}"
     console.print(f"judge: protocol={j['protocol']} margin={j['margin']} position-bias rate={bias} "
                   f"tie rate={j['tie_rate']:.0%} unparseable={j['unparseable']}")
     console.print(judge_verdict(j))
-    console.print(f"stage seconds: {m['seconds']}  manifest: {corpus.directory / 'manifest.json'}")
+
+
+def print_corpus_lines(corpus: Corpus, console: Console) -> None:
+    """The corpus in two lines plus the judge's reliability: what a fit's closing summary shows."""
+    c = corpus.manifest["counts"]
+    console.print(f"corpus: {c['queries']} queries -> {c['distill']} distill / {c['retain']} retain "
+                  f"({corpus.directory})")
+    print_judge_lines(corpus, console)

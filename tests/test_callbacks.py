@@ -50,7 +50,7 @@ def test_gate_calibration_callback_stores_temperature_and_threshold(tmp_path):
     module = SimpleNamespace(gate=gate, val_gate_outputs=[{"ids": [], "logits": logits, "labels": labels}],
                              log_dict=logged.update)
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, is_global_zero=True,
-                              default_root_dir=str(tmp_path))
+                              default_root_dir=str(tmp_path), state=SimpleNamespace(fn="fit"))
     callback = GateCalibration()
     callback.on_validation_epoch_end(trainer, module)
     assert float(gate.temperature) == pytest.approx(callback.last["temperature"]) and float(gate.temperature) > 2
@@ -58,11 +58,23 @@ def test_gate_calibration_callback_stores_temperature_and_threshold(tmp_path):
     assert logged["calibration/ece_after"] < logged["calibration/ece_before"]
     assert (tmp_path / "calibration" / "reliability_epoch0.png").stat().st_size > 1000
     assert "temperature" in dict(gate.named_buffers()) and "threshold" in dict(gate.named_buffers())
+    fit_files = {p.name: p.read_bytes() for p in (tmp_path / "calibration").iterdir()}
+
+    # `prism validate` (inference mode) reports the stored calibration, changes nothing and writes its own files.
+    stored = (float(gate.temperature), float(gate.threshold))
+    trainer.state.fn = "validate"
+    with torch.inference_mode():
+        callback.on_validation_epoch_end(trainer, module)
+    assert (float(gate.temperature), float(gate.threshold)) == stored
+    assert callback.last["temperature"] == pytest.approx(stored[0])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "calibration").iterdir() if p.name in fit_files} == fit_files
+    assert (tmp_path / "calibration" / "validate.json").is_file()
+    assert (tmp_path / "calibration" / "reliability_validate.png").is_file()
 
 
 @pytest.fixture
 def tiny_gated_parts(tiny_backbones):
-    from prism_lightning.modules.gate import GateMLP
+    from prism_lightning.gate_mlp import GateMLP
     from prism_lightning.modules.student import LoraSettings, attach_lora
 
     backbone = tiny_backbones(seed=0)
@@ -76,7 +88,11 @@ def write_mmlu_the_base_model_gets_right(tmp_path, gated) -> str:
              "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"], "answer": 0}
             for i, s in enumerate(["college physics", "philosophy", "sociology", "virology"] * 6)]
     ids = [gated.prompt_ids(mmlu.prompt_text(r)) for r in rows]
-    predicted = gated.token_logprobs(ids, mmlu.letter_ids(gated.backbone.tokenizer), "base")[0][:, 0].argmax(-1)
+
+    def base(batch, tokens, tail):
+        return gated.token_logprobs(batch, tokens, "base", 16, tail)[0]
+
+    predicted = mmlu.letter_reader(gated.formatter).read(base, ids).logprobs.argmax(-1)
     test = tmp_path / "mmlu" / "test"
     test.mkdir(parents=True)
     for subject in {r["subject"] for r in rows}:

@@ -40,7 +40,8 @@ def tiny_model(smol_tokenizer, tmp_path_factory) -> Path:
 def write_corpus(directory: Path, labels: list[int]) -> Path:
     """A hand-made corpus (what stages 1-3 would write), so fit tests do not depend on generation."""
     directory.mkdir(parents=True, exist_ok=True)
-    personas = {p.name: p.text for p in PersonaRegistry.from_config(PersonaConfig(names=["math", "writing"]))}
+    personas = {p.name: p.text for p in PersonaRegistry.from_config(PersonaConfig(names=["math", "writing"],
+                                                                                 granularity="min"))}
     items = []
     for n, label in enumerate(labels):
         persona = ["math", "writing"][n % 2]
@@ -62,9 +63,9 @@ def fit_config(tmp: Path, model_dir: Path, corpus: Path, epochs: int = 2, extra_
             "log_every_n_steps": 1, "enable_progress_bar": False, "enable_model_summary": False,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": str(tmp / "logs"), "name": "", "version": ""}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": str(tmp / "run" / "checkpoints"), "save_last": True,
-                                         "save_top_k": 0}}, *extra_callbacks],
+            # No dirpath: the CLI puts checkpoints under default_root_dir (tests rely on <root>/checkpoints).
+            "callbacks": [{"class_path": "prism_lightning.callbacks.run_checkpoint.RunCheckpoint"},
+                          *extra_callbacks],
         },
         "model": {"class_path": "prism_lightning.modules.PrismModule",
                   "init_args": {"lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "lr": 1e-3, "top_k": 16}},
@@ -137,12 +138,15 @@ def test_fit_exports_and_user_callback_fires(tiny_model, tmp_path):
     # A fresh process loads the export with GatedModel, no Lightning, and generates with routing.
     code = ("import json,sys; from prism_lightning import GatedModel; from prism_lightning.generation import "
             "DecodingConfig; m = GatedModel.from_pretrained(sys.argv[1]); "
-            "print(json.dumps(m.generate(['hello there', 'what is two plus two?'], DecodingConfig(max_new_tokens=4))))")
+            "rows = m.generate(['hello there', 'what is two plus two?'], DecodingConfig(max_new_tokens=4)); "
+            "loaded = sorted(n for n in sys.modules if n.split('.')[0] in ('lightning', 'pytorch_lightning')); "
+            "print(json.dumps({'rows': rows, 'lightning': loaded}))")
     out = subprocess.run([sys.executable, "-c", code, str(export)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = result["rows"]
     assert len(rows) == 2 and all(r["route"] in ("adapter", "base") and 0 <= r["probability"] <= 1 for r in rows)
-    assert "lightning" not in out.stderr.lower() or "Traceback" not in out.stderr
+    assert result["lightning"] == [], "inference imported Lightning"
 
 
 def test_interrupted_and_resumed_fit_matches_uninterrupted(tiny_model, tmp_path):
@@ -182,14 +186,16 @@ def test_checkpoint_for_another_base_model_is_refused(tiny_model, smol_tokenizer
     assert "made for base model" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_naming_step_and_batch(tiny_model, tmp_path, capsys):
+def test_a_diverging_run_stops_naming_the_step_and_exports_nothing(tiny_model, tmp_path, capsys):
+    """Issue #9: `--model.init_args.lr 1e10` used to train, exit 0 and export adapter weights of ~1e18."""
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=1)), "--model.init_args.lr",
-              "1e30", "--model.init_args.gate_lr", "1e30", "--model.init_args.warmup_ratio", "0"])
+              "1e10", "--model.init_args.warmup_ratio", "0"])
     assert done.value.code == 2
-    err = capsys.readouterr().err
-    assert "non-finite loss" in err and "global step" in err and "batch" in err
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged at global step ") and "model.init_args.lr" in last
+    assert not (tmp_path / "run" / "export").exists()
 
 
 def _mmlu_base_gets_right(directory: Path, model_dir: Path) -> Path:
@@ -210,8 +216,10 @@ def _mmlu_base_gets_right(directory: Path, model_dir: Path) -> Path:
             for i, s in enumerate(["college physics", "philosophy", "sociology", "virology"] * 5)]
     formatter = ChatFormatter(backbone.tokenizer)
     ids = [formatter.prompt_ids(mmlu.prompt_text(r)) for r in rows]
-    predicted = token_logprobs(backbone.model, backbone.tokenizer.pad_token_id, backbone.device, ids,
-                               mmlu.letter_ids(backbone.tokenizer))[:, 0].argmax(-1)
+    def logprobs(batch, tokens, tail):
+        return token_logprobs(backbone.model, backbone.tokenizer.pad_token_id, backbone.device, batch, tokens, tail)
+
+    predicted = mmlu.letter_reader(formatter).read(logprobs, ids).logprobs.argmax(-1)
     (directory / "test").mkdir(parents=True)
     for subject in {r["subject"] for r in rows}:
         with (directory / "test" / f"{subject.replace(' ', '_')}_test.csv").open("w", newline="") as fh:

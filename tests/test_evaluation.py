@@ -18,15 +18,18 @@ from rich.console import Console
 
 from prism_lightning.errors import PrismError
 from prism_lightning.evaluation import mmlu
-from prism_lightning.evaluation.analysis import overall, routing_correlation
+from prism_lightning.evaluation.analysis import (compare_rows, overall, routing_correlation, scored_by_every_row,
+                                                 shared_subcategories)
 from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
 from prism_lightning.evaluation.judging import EvalJudge
 from prism_lightning.evaluation.report import print_table, write_report
 from prism_lightning.evaluation.rows import MATCHED, Row, default_rows
-from prism_lightning.evaluation.suites import (MT_JUDGE, REFUSAL, REFUSAL_SYSTEM, bootstrap_interval, run_mmlu,
-                                               run_mt_bench, run_safety)
-from prism_lightning.bootstrap.judge import JUDGE_SYSTEM, single_token
+from prism_lightning.evaluation.stats import (bootstrap_interval, preference_outcomes, preference_summary,
+                                              stratified_items)
+from prism_lightning.evaluation.suites import (MT_JUDGE, REFUSAL, REFUSAL_SYSTEM, run_mmlu, run_mt_bench,
+                                               run_preference, run_safety)
+from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.generation import DecodingConfig
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
@@ -50,7 +53,7 @@ def formatter(smol_tokenizer) -> ChatFormatter:
 @pytest.fixture
 def gated(tiny_backbones):
     """A GatedModel over a tiny random Llama: LoRA (rank 4) with random lora_B, a random gate, threshold 0.5."""
-    from prism_lightning.modules.gate import GateMLP
+    from prism_lightning.gate_mlp import GateMLP
     from prism_lightning.modules.student import LoraSettings, attach_lora
     from prism_lightning.routing import GatedModel
 
@@ -99,7 +102,14 @@ def _fake_logprobs(tokenizer, rule):
 
 
 def _tok(tokenizer, text: str) -> int:
-    return single_token(tokenizer, text)
+    """The one token of ``text`` (SmolLM2 writes every digit, letter, Yes and No as one token)."""
+    (token,) = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return token
+
+
+def _letter_ids(tokenizer) -> list[int]:
+    """Token ids of A–D: the direct reference the MMLU scorer is checked against."""
+    return [_tok(tokenizer, x) for x in mmlu.LETTERS]
 
 
 def _split_threshold(probs: torch.Tensor) -> float:
@@ -295,8 +305,10 @@ def test_score_on_constructed_logprobs():
     assert mmlu.score(lp, rows, letters).tolist() == [True, False, True, False]
 
 
-def test_letter_ids_and_prompt_text(smol_tokenizer):
-    ids = mmlu.letter_ids(smol_tokenizer)
+def test_letter_reader_and_prompt_text(smol_tokenizer):
+    reader = mmlu.letter_reader(ChatFormatter(smol_tokenizer))
+    assert reader.forwards_per_prompt == 1 and all(len(s) == 1 for s in reader.sequences)
+    ids = [s[0] for s in reader.sequences]
     assert len(set(ids)) == 4
     assert [smol_tokenizer.decode([i]) for i in ids] == ["A", "B", "C", "D"]
     row = {"question": "What is 2+2?", "subject": "elementary mathematics", "choices": ["3", "4", "5", "6"],
@@ -468,34 +480,77 @@ def test_load_prompt_list_missing_file(tmp_path):
 
 
 # =========================================================================== 3. analysis.py
-def test_overall_averages_and_skips_nan():
-    assert overall({"a": 10.0, "b": 20.0, "c": 60.0}) == pytest.approx(30.0)
-    assert overall({"a": 10.0, "b": float("nan"), "c": 30.0}) == pytest.approx(20.0)
-    assert math.isnan(overall({"a": float("nan")}))
-    assert math.isnan(overall({}))
+def test_overall_averages_the_given_subcategories():
+    scores = {"a": 10.0, "b": 20.0, "c": 60.0, "d": float("nan")}
+    assert overall(scores, ["a", "b", "c"]) == pytest.approx(30.0)
+    assert overall(scores, ["a", "c"]) == pytest.approx(35.0)
+    assert overall({"a": 10.0, "b": 30.0}) == pytest.approx(20.0)                  # no keys: all of them
+    assert math.isnan(overall(scores, ["a", "d"]))                                  # a NaN is never skipped silently
+    assert math.isnan(overall(scores, []))
 
 
-def test_routing_correlation_perfect_and_anti():
+def test_shared_subcategories_keep_only_what_every_row_scored():
+    scores = {"Base": {"a": 1.0, "b": 2.0, "c": float("nan"), "d": 4.0},
+              "PRISM": {"a": 3.0, "b": float("nan"), "c": float("nan")}}              # d missing, b unscored
+    assert shared_subcategories(scores, ["a", "b", "c", "d"]) == (["a"], ["b", "c", "d"])
+
+
+def test_scored_by_every_row():
+    nan = float("nan")
+    mask = scored_by_every_row([torch.tensor([1.0, nan, 3.0, 4.0]), torch.tensor([1.0, 2.0, nan, 4.0])])
+    assert mask.tolist() == [True, False, False, True]
+
+
+def test_compare_rows_uses_common_items_and_shared_subcategories():
+    """MT-Bench rows compare on the turns every row could score; Overall averages what every row has."""
+    nan = float("nan")
+    items = {"Base": {"MT-Bench/math": torch.tensor([80.0, 20.0, nan, 50.0]), "MMLU/STEM": torch.tensor([100.0, 0.0]),
+                      "Safety/x": torch.tensor([nan, nan])},
+             "PRISM": {"MT-Bench/math": torch.tensor([60.0, nan, 90.0, 70.0]),
+                       "MMLU/STEM": torch.tensor([100.0, 100.0]),
+                       "Safety/x": torch.tensor([100.0, 0.0])}}
+    subcats = ["MT-Bench/math", "MMLU/STEM", "Safety/x"]
+    out = compare_rows(items, subcats, seed=0)
+    # turns 0 and 3 are readable in both rows: Base (80 + 50) / 2, PRISM (60 + 70) / 2; alone Base would be 50
+    assert out["compared"] == {"MT-Bench/math": 2, "MMLU/STEM": 2, "Safety/x": 0}
+    assert out["rows"]["Base"]["scores"]["MT-Bench/math"] == pytest.approx(65.0)
+    assert out["rows"]["PRISM"]["scores"]["MT-Bench/math"] == pytest.approx(65.0)
+    assert math.isnan(out["rows"]["PRISM"]["scores"]["Safety/x"])                # no common item
+    assert out["overall_subcategories"] == ["MT-Bench/math", "MMLU/STEM"] and out["left_out"] == ["Safety/x"]
+    assert out["rows"]["Base"]["overall"] == pytest.approx((65.0 + 50.0) / 2)
+    assert out["rows"]["PRISM"]["overall"] == pytest.approx((65.0 + 100.0) / 2)
+    # intervals on the common items: PRISM's MMLU is constant, Base's math turns are {80, 50}
+    assert out["rows"]["PRISM"]["intervals"]["MMLU/STEM"] == [100.0, 100.0]
+    assert out["rows"]["Base"]["intervals"]["MT-Bench/math"] == [50.0, 80.0]
+    # Overall resamples within subcategories: PRISM = (mean of {60, 70} resampled + 100) / 2 spans 80..85
+    assert out["rows"]["PRISM"]["overall_ci95"] == [80.0, 85.0]
+
+
+def test_routing_correlation_relative_headline_and_absolute():
     keys = ["MMLU/STEM", "MMLU/humanities", "MMLU/other", "MT-Bench/math", "Safety/HarmBench"]
     routing = dict(zip(keys, [0.1, 0.3, 0.5, 0.7, 0.9]))
     base = dict(zip(keys, [50.0, 40.0, 30.0, 20.0, 10.0]))
-    expert = {k: base[k] + 2 * routing[k] * 10 - 1 for k in keys}       # effect = 20 * rate - 1: linear
+    expert = {k: base[k] * (1 + 2 * routing[k] - 0.5) for k in keys}          # relative effect = 2 * rate - 0.5
     r = routing_correlation(routing, base, expert)
     assert r["n"] == 5 and r["subcategories"] == keys
     assert r["routing_rate"] == [routing[k] for k in keys]
-    assert r["persona_effect"] == pytest.approx([expert[k] - base[k] for k in keys])
+    assert r["persona_effect"] == pytest.approx([2 * routing[k] - 0.5 for k in keys])
     assert r["pearson"] == pytest.approx(1.0, abs=1e-6)
     assert r["spearman"] == pytest.approx(1.0, abs=1e-6)
+    # the absolute effect (Expert − Base) is not linear in the rate here: its Pearson is computed independently
+    absolute = [expert[k] - base[k] for k in keys]
+    assert r["absolute"]["persona_effect"] == pytest.approx(absolute)
+    x, y = torch.tensor([routing[k] for k in keys], dtype=torch.float64), torch.tensor(absolute, dtype=torch.float64)
+    expected = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()).norm() * (y - y.mean()).norm()))
+    assert r["absolute"]["pearson"] == pytest.approx(expected, abs=1e-9)
+    assert abs(expected - 1.0) > 0.05                                             # the two lines really differ
+    assert absolute == pytest.approx([-15.0, 4.0, 15.0, 18.0, 13.0])
+    assert r["absolute"]["spearman"] == pytest.approx(0.7, abs=1e-6)            # rank differences 0, 0, 1, 1, -2
 
-    anti = {k: base[k] - 5 * routing[k] for k in keys}
+    anti = {k: base[k] * (1 - routing[k]) for k in keys}
     r = routing_correlation(routing, base, anti)
     assert r["pearson"] == pytest.approx(-1.0, abs=1e-6)
     assert r["spearman"] == pytest.approx(-1.0, abs=1e-6)
-
-    monotone = {k: base[k] + routing[k] ** 4 for k in keys}            # ranks agree, values not linear
-    r = routing_correlation(routing, base, monotone)
-    assert r["spearman"] == pytest.approx(1.0, abs=1e-6)
-    assert 0.8 < r["pearson"] < 0.9999
 
 
 def test_routing_correlation_too_few_subcategories_is_nan():
@@ -506,14 +561,19 @@ def test_routing_correlation_too_few_subcategories_is_nan():
     assert constant["n"] == 3 and math.isnan(constant["pearson"]) and math.isnan(constant["spearman"])
 
 
-def test_routing_correlation_drops_missing_and_nan_keys():
-    routing = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4, "only_routing": 0.9, "nan_base": 0.5, "nan_expert": 0.6}
-    base = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0, "nan_base": float("nan"), "nan_expert": 0.0, "only_base": 1.0}
-    expert = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "nan_base": 1.0, "nan_expert": float("nan"), "only_base": 9.0}
+def test_routing_correlation_drops_missing_nan_and_zero_base_keys():
+    routing = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4, "zero": 0.8, "only_routing": 0.9, "nan_base": 0.5,
+               "nan_expert": 0.6}
+    base = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0, "zero": 0.0, "nan_base": float("nan"), "nan_expert": 1.0,
+            "only_base": 1.0}
+    expert = {"a": 2.0, "b": 3.0, "c": 4.0, "d": 5.0, "zero": 7.0, "nan_base": 1.0, "nan_expert": float("nan"),
+              "only_base": 9.0}
     r = routing_correlation(routing, base, expert)
-    assert r["subcategories"] == ["a", "b", "c", "d"] and r["n"] == 4
+    assert r["subcategories"] == ["a", "b", "c", "d"] and r["n"] == 4             # base 0: no relative effect
     assert r["persona_effect"] == [1.0, 2.0, 3.0, 4.0]
     assert r["pearson"] == pytest.approx(1.0, abs=1e-6)
+    assert r["absolute"]["subcategories"] == ["a", "b", "c", "d", "zero"] and r["absolute"]["n"] == 5
+    assert r["absolute"]["persona_effect"] == [1.0, 2.0, 3.0, 4.0, 7.0]
 
 
 # =========================================================================== 4. judging.py
@@ -631,7 +691,8 @@ def test_run_mmlu_scores_counts_and_routing(gated, registry, monkeypatch):
 
     routes = _spy(monkeypatch, gated, "token_logprobs")
     results = {row.name: run_mmlu(gated, rows, row, registry, batch_size=5) for row in default_rows()}
-    assert [c[0][2] for c in routes] == ["base", "base", "base", "adapter", "gate"]
+    # the gate decides on the prompt alone, then each route's rows are scored with that route forced
+    assert [c[0][2] for c in routes] == ["base", "base", "base", "adapter", "base", "adapter"]
     keys = {f"MMLU/{c}" for c in mmlu.CATEGORIES}
     for name, result in results.items():
         assert set(result.scores) == keys and set(result.counts) == keys and set(result.routing) == keys
@@ -648,7 +709,7 @@ def test_run_mmlu_scores_counts_and_routing(gated, registry, monkeypatch):
 def test_run_mmlu_scorer_matches_direct_scoring(gated, registry):
     rows = _mmlu_rows(MMLU_SPEC)
     ids = [gated.prompt_ids(mmlu.prompt_text(r)) for r in rows]
-    letters = mmlu.letter_ids(gated.backbone.tokenizer)
+    letters = _letter_ids(gated.backbone.tokenizer)
     logprobs = gated.token_logprobs(ids, None, "base")[0][:, 0]
     predicted = logprobs[:, letters].argmax(-1).tolist()
     # answers chosen so STEM is all right, humanities all wrong, the rest mixed
@@ -833,18 +894,60 @@ def test_mt_judge_prompt_contains_question_and_answer():
     assert "{prompt}" in REFUSAL and "{response}" in REFUSAL
 
 
-def test_bootstrap_interval_brackets_mean():
+def test_bootstrap_interval_of_a_mean():
     values = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.float)
     lo, hi = bootstrap_interval(values)
     assert lo < float(values.mean()) < hi
-    assert 0.0 <= lo and hi <= 1.0
-    assert bootstrap_interval(values, seed=0) == [lo, hi]
+    assert bootstrap_interval(values, seed=0) == [lo, hi]                        # seeded: the same interval again
+    spread = torch.arange(10, dtype=torch.float) ** 1.5
+    assert bootstrap_interval(spread, seed=1) != bootstrap_interval(spread, seed=0)
     assert bootstrap_interval(torch.ones(5)) == [1.0, 1.0]
     assert bootstrap_interval(torch.zeros(5)) == [0.0, 0.0]
     assert all(math.isnan(v) for v in bootstrap_interval(torch.tensor([])))
-    wide = bootstrap_interval(torch.tensor([0.0, 1.0] * 5))
-    narrow = bootstrap_interval(torch.tensor([0.0, 1.0] * 500))
-    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    # two items: the resampled mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4, so the 2.5-97.5 % span is 0..1
+    assert bootstrap_interval(torch.tensor([0.0, 1.0])) == [0.0, 1.0]
+    # 400 fair coin flips: the percentile interval matches the normal one, 0.5 ± 1.96 * 0.5 / 20 = 0.451..0.549
+    lo, hi = bootstrap_interval((torch.arange(400) % 2).float(), samples=4000)
+    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
+
+
+def test_bootstrap_interval_of_a_macro_average_resamples_within_groups():
+    """Overall's interval: items are resampled inside each subcategory, whose weight stays 1 / groups."""
+    # constant groups have no spread, whatever their sizes: pooling them would give a spread, and a 0.6 centre
+    assert bootstrap_interval([torch.ones(3), torch.zeros(2)]) == [0.5, 0.5]
+    # (mean of {0, 1} resampled + 1) / 2 is 0.5, 0.75 or 1
+    assert bootstrap_interval([torch.tensor([0.0, 1.0]), torch.ones(3)]) == [0.5, 1.0]
+    assert all(math.isnan(v) for v in bootstrap_interval([torch.ones(2), torch.tensor([])]))
+    assert all(math.isnan(v) for v in bootstrap_interval([]))
+
+
+def test_preference_outcomes_count_ties_apart():
+    margins = torch.tensor([0.7, -0.2, 0.0, 0.3, -0.05, 0.02])
+    identical = torch.tensor([False, False, False, True, False, False])
+    outcomes = preference_outcomes(margins, identical)
+    assert outcomes.tolist() == [1.0, 0.0, 0.5, 0.5, 0.0, 1.0]                   # zero margin, identical: ties
+    assert preference_outcomes(margins, identical, margin=0.1).tolist() == [1.0, 0.0, 0.5, 0.5, 0.5, 0.5]
+    summary = preference_summary(outcomes)
+    assert (summary["wins"], summary["losses"], summary["ties"], summary["n"]) == (2, 2, 2, 6)
+    assert summary["win_rate"] == pytest.approx(100 * (2 + 0.5 * 2) / 6)       # headline: ties counted half
+    assert summary["win_rate_decided"] == pytest.approx(50.0)
+    assert summary["headline"].startswith("win_rate")
+    # all ties: 50 % headline, no decided pairs (never 0 %, which is what counting ties as losses gave)
+    ties = preference_summary(preference_outcomes(torch.zeros(4), torch.ones(4, dtype=torch.bool)))
+    assert ties["win_rate"] == 50.0 and ties["ci95"] == [50.0, 50.0] and math.isnan(ties["win_rate_decided"])
+
+
+def test_stratified_items_draws_both_classes_in_proportion():
+    items = [{"query": f"q{i}", "class": "distill" if i < 6 else "retain"} for i in range(20)]   # 6 distill, 14 retain
+    picked = stratified_items(items, 10, "class", seed=0)
+    assert sorted(i["class"] for i in picked) == ["distill"] * 3 + ["retain"] * 7
+    assert len({i["query"] for i in picked}) == 10
+    assert stratified_items(items, 10, "class", seed=0) == picked
+    assert stratified_items(items, 10, "class", seed=1) != picked
+    few = [{"query": "d", "class": "distill"}] + [{"query": f"r{i}", "class": "retain"} for i in range(19)]
+    assert sorted(i["class"] for i in stratified_items(few, 4, "class", seed=0)) == ["distill", "retain", "retain",
+                                                                                     "retain"]
+    assert stratified_items(items, None, "class") == items
 
 
 # =========================================================================== 7. report.py
@@ -855,18 +958,28 @@ def _metrics(routing_n: int = 4) -> dict:
     for i, name in enumerate(ROW_NAMES):
         scores = {"MT-Bench/math": 60.0 + i, "MT-Bench/writing": nan if name == "Base" else 50.0,
                   "MMLU/STEM": 30.0 + i, "MMLU/humanities": 40.0, "Safety/HarmBench": 80.0}
-        rows[name] = {"scores": scores, "overall": overall(scores), "routing": {s: 0.5 for s in subcats},
-                      "intervals": {"Safety/HarmBench": [70.0, 90.0]}}
+        kept = [k for k in subcats if k != "MT-Bench/writing"]
+        rows[name] = {"scores": scores, "overall": overall(scores, kept), "overall_ci95": [20.0 + i, 80.0 + i],
+                      "routing": {s: 0.5 for s in subcats}, "intervals": {"Safety/HarmBench": [70.0, 90.0]}}
     keys = subcats[:routing_n]
     analysis = {"subcategories": keys, "routing_rate": [0.1 * (j + 1) for j in range(routing_n)],
                 "persona_effect": [float(j) for j in range(routing_n)], "pearson": 1.0 if routing_n >= 3 else nan,
-                "spearman": 1.0 if routing_n >= 3 else nan, "n": routing_n}
+                "spearman": 1.0 if routing_n >= 3 else nan, "n": routing_n,
+                "absolute": {"pearson": 0.25, "spearman": 0.5, "n": routing_n}}
     return {"model": "tiny-test-model", "subcategories": subcats, "rows": rows,
-            "counts": {s: 10 + j for j, s in enumerate(subcats)}, "skipped": {"mmlu": 2},
-            "unreadable": {"PRISM/MT-Bench/writing": 3, "Base/MT-Bench/math": 0},
+            "counts": {s: 10 + j for j, s in enumerate(subcats)},
+            "compared": {s: 10 + j - (j == 1) for j, s in enumerate(subcats)},
+            "overall_subcategories": [k for k in subcats if k != "MT-Bench/writing"], "left_out": ["MT-Bench/writing"],
+            "skipped": {"mmlu": 2}, "unreadable": {"PRISM/MT-Bench/writing": 3, "Base/MT-Bench/math": 0},
             "seconds": 1.5, "routing_analysis": analysis,
-            "preference": {"win_rate": 62.5, "n": 8, "ci95": [30.0, 90.0], "routed_to_adapter": 0.5,
-                           "judge_control_accuracy": 0.8, "judge_control_n": 20}}
+            "settings": {"judge": "self", "decoding": {}, "safety_max_new_tokens": 64, "mmlu_n": 10, "seed": 0,
+                         "placement": "user", "gate_threshold": 0.4321,
+                         "mt_bench_turn2_routing": "per conversation: turn 2 keeps turn 1's route"},
+            "preference": {"win_rate": 62.5, "n": 8, "wins": 4, "losses": 1, "ties": 3, "identical": 2,
+                           "ci95": [30.0, 90.0], "win_rate_decided": 80.0, "ci95_decided": [40.0, 100.0],
+                           "routed_to_adapter": 0.5, "judge_control_accuracy": 0.8, "judge_control_n": 20,
+                           "by_class": {"distill": {"n": 3, "wins": 2, "losses": 0, "ties": 1, "win_rate": 83.3},
+                                        "retain": {"n": 5, "wins": 2, "losses": 1, "ties": 2, "win_rate": 60.0}}}}
 
 
 def test_write_report(tmp_path):
@@ -892,8 +1005,18 @@ def test_write_report(tmp_path):
     assert "| row | " + " | ".join(metrics["subcategories"]) + " | Overall |" in report
     assert "PRISM/MT-Bench/writing 3" in report
     assert "Base/MT-Bench/math" not in report          # zero counts are not listed
-    assert "win rate 62.5" in report and "0.8" in report
+    assert "4 wins, 1 losses, 3 ties (2 identical texts)" in report
+    assert "ties counted half: 62.5% (95% CI 30.0–90.0)" in report and "decided pairs only: 80.0% (n = 5)" in report
+    assert "distill: 2 / 0 / 1; retain: 2 / 1 / 2" in report and "0.8" in report
     assert "MMLU/STEM 12" in report                    # sample counts
+    assert "Scored by every row, and compared: MT-Bench/math 10, MT-Bench/writing 10," in report
+    assert "Overall = mean of the 4 subcategories every row scored; left out: MT-Bench/writing." in report
+    prism = metrics["rows"]["PRISM"]
+    assert f"| {prism['overall']:.1f} (24.0–84.0) |" in report           # Overall with its interval
+    assert "80.0 (70.0–90.0)" in report                                  # a subcategory with its interval
+    assert "Pearson 1.000" in report and "Absolute effect (Expert − Base): Pearson 0.250" in report
+    assert "turn 2 keeps turn 1's route" in report and "as the run trained: user" in report
+    assert "deployed gate threshold 0.4321" in report
 
 
 def test_write_report_without_routing_analysis_and_no_unreadable(tmp_path):
@@ -907,6 +1030,7 @@ def test_write_report_without_routing_analysis_and_no_unreadable(tmp_path):
     assert "![scores](scores.png)" in report and "routing.png" not in report
     assert "could not be read (excluded, never scored): none." in report
     assert "Preference" not in report
+    assert "Pearson –, Spearman – over 0 subcategories" in report                  # said, not plotted
 
 
 def test_print_table_lists_rows_and_overall():
@@ -916,8 +1040,10 @@ def test_print_table_lists_rows_and_overall():
     text = console.export_text()
     for name in ROW_NAMES + metrics["subcategories"] + ["Overall"]:
         assert name in text, name
-    assert f"{metrics['rows']['PRISM']['overall']:.1f}" in text
-    assert "Pearson 1.000" in text and "win rate 62.5" in text
+    assert f"{metrics['rows']['PRISM']['overall']:.1f} (24.0–84.0)" in text
+    assert "Pearson 1.000" in text and "ties counted half: 62.5%" in text and "4 wins, 1 losses, 3 ties" in text
+    assert "left out: MT-Bench/writing" in text and "relative persona effect" in text
+    assert " 10/11 " in text                           # MT-Bench/writing: 10 of 11 items scored by every row
 
 
 # =========================================================================== 8. benchmark.py
@@ -937,7 +1063,7 @@ def _benchmark_files(tmp_path: Path) -> dict:
 
 def test_benchmark_run_builds_units(tmp_path, registry):
     files = _benchmark_files(tmp_path)
-    held_out = [{"query": f"held-out query {i}"} for i in range(5)]
+    held_out = [{"query": f"held-out query {i}", "label": int(i < 2)} for i in range(5)]   # 2 distill, 3 retain
     config = BenchmarkConfig(mmlu="", preference_n=2, **files)
     run = BenchmarkRun(config, registry, held_out, {"control_accuracy": 0.8})
     assert "mmlu" not in run.data and run.skipped == {}
@@ -945,7 +1071,10 @@ def test_benchmark_run_builds_units(tmp_path, registry):
     assert len(run.data["mt_bench"]) == 3
     assert set(run.data["safety"]) == {"HarmBench", "jailbreak"}
     assert len(run.data["safety"]["HarmBench"]) == 3 and len(run.data["safety"]["jailbreak"]) == 2
-    assert run.data["preference"] == ["held-out query 0", "held-out query 1"]
+    # one of each class (stratified, seeded), not the first two held-out items (both distill)
+    assert sorted(p["class"] for p in run.data["preference"]) == ["distill", "retain"]
+    assert {p["query"] for p in run.data["preference"]} <= {i["query"] for i in held_out}
+    assert run.data["preference"] == BenchmarkRun(config, registry, held_out, {}).data["preference"]
     units = run.units()
     assert len(units) == 5 * 2 + 1
     assert [(u["suite"], u["row"]) for u in units] == (
@@ -1004,12 +1133,18 @@ def test_benchmark_run_unknown_fixed_persona(tmp_path, registry):
     assert [r.name for r in run.rows][2] == "Expert (critic)" and run.units() == []
 
 
-def test_benchmark_run_preference_without_held_out_queries(registry):
-    try:
-        run = BenchmarkRun(BenchmarkConfig(mmlu="", preference_n=4), registry, [], {})
-    except PrismError:
-        return                                   # failing up front is fine too
-    assert all(u["suite"] != "preference" for u in run.units())
+def test_benchmark_run_preference_without_held_out_queries_fails_up_front(registry):
+    with pytest.raises(PrismError) as err:
+        BenchmarkRun(BenchmarkConfig(mmlu="", preference_n=4), registry, [], {})
+    message = str(err.value)
+    assert "preference_n = 4" in message and "no held-out items" in message and "\n" not in message
+    run = BenchmarkRun(BenchmarkConfig(mmlu="", preference_n=0), registry, [], {})
+    assert run.units() == []
+
+
+def test_benchmark_run_rejects_an_unknown_placement(registry):
+    with pytest.raises(PrismError, match="placement"):
+        BenchmarkRun(BenchmarkConfig(mmlu=""), registry, [], {}, placement="middle")
 
 
 def test_benchmark_run_end_to_end(tmp_path, registry, gated):
@@ -1021,7 +1156,8 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
         "sociology": [[f"Sociology question {i}?", "a", "b", "c", "d", "ABCD"[i % 4]] for i in range(3)]})
     config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, preference_n=2, decoding=DecodingConfig(max_new_tokens=3),
                              batch_size=8, **files)
-    run = BenchmarkRun(config, registry, [{"query": "What is PRISM?"}, {"query": "Explain LoRA."}],
+    held_out = [{"query": "What is PRISM?", "label": 1}, {"query": "Explain LoRA.", "label": 0}]
+    run = BenchmarkRun(config, registry, held_out,
                        {"control_accuracy": 0.75, "control_n": 12})
     for unit in run.units():
         run.run_unit(gated, unit)
@@ -1037,21 +1173,42 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
         for key in ("Safety/HarmBench", "Safety/jailbreak"):
             assert row["scored"][key] + metrics["unreadable"][f"{name}/{key}"] == metrics["counts"][key]
     assert metrics["skipped"] == {"mmlu": 0}
+    kept = metrics["overall_subcategories"]
+    assert kept == [k for k in metrics["subcategories"]
+                    if all(not math.isnan(r["scores"][k]) for r in metrics["rows"].values())]
+    assert metrics["left_out"] == [k for k in metrics["subcategories"] if k not in kept]
     for name, row in metrics["rows"].items():
         assert all(0.0 <= v <= 100.0 for v in row["scores"].values() if not math.isnan(v)), name
-        assert row["overall"] == pytest.approx(overall(row["scores"]), nan_ok=True)
+        assert row["overall"] == pytest.approx(sum(row["scores"][k] for k in kept) / len(kept))
+        lo, hi = row["overall_ci95"]
+        assert lo <= row["overall"] <= hi
         assert set(row["routing"]) == set(metrics["subcategories"])
+    # MMLU items are all readable: every row is scored on every item, and its score is its own accuracy
+    assert metrics["compared"]["MMLU/STEM"] == 3
     assert all(v == 1.0 for v in metrics["rows"]["Ungated LoRA"]["routing"].values())
     assert all(v == 0.0 for v in metrics["rows"]["Base"]["routing"].values())
-    assert "routing_analysis" in metrics and metrics["routing_analysis"]["n"] >= 0
-    assert metrics["preference"]["n"] == 2 and metrics["preference"]["judge_control_accuracy"] == 0.75
-    assert 0.0 <= metrics["preference"]["win_rate"] <= 100.0
-    # MT-Bench turns are either scored or counted as unreadable, per row
+    # the routing analysis is PRISM's routing rate against (Expert − Base) / Base on the compared scores
+    base, expert = metrics["rows"]["Base"]["scores"], metrics["rows"]["Expert (matched)"]["scores"]
+    analysis = metrics["routing_analysis"]
+    expected = [k for k in metrics["rows"]["PRISM"]["routing"] if not math.isnan(base[k]) and
+                not math.isnan(expert[k]) and base[k] != 0]
+    assert analysis["subcategories"] == expected and analysis["n"] == len(expected)
+    assert analysis["persona_effect"] == pytest.approx([(expert[k] - base[k]) / base[k] for k in expected])
+    assert analysis["routing_rate"] == [metrics["rows"]["PRISM"]["routing"][k] for k in expected]
+    pref = metrics["preference"]
+    assert pref["n"] == 2 and pref["judge_control_accuracy"] == 0.75
+    assert pref["wins"] + pref["losses"] + pref["ties"] == 2 and pref["ties"] >= pref["identical"]
+    assert pref["win_rate"] == pytest.approx(100 * (pref["wins"] + pref["ties"] / 2) / 2)
+    assert sorted(pref["by_class"]) == ["distill", "retain"]
+    assert metrics["settings"]["placement"] == "system"
+    assert metrics["settings"]["gate_threshold"] == pytest.approx(gated.threshold)
+    # MT-Bench turns are either scored or counted as unreadable, per row; rows compare on the turns all scored
     for cat, total in (("writing", 3), ("math", 1)):
         key = f"MT-Bench/{cat}"
         assert metrics["counts"][key] == total
         assert all(row["scored"][key] + metrics["unreadable"][f"{name}/{key}"] == total
                    for name, row in metrics["rows"].items())
+        assert metrics["compared"][key] <= min(row["scored"][key] for row in metrics["rows"].values())
     for name in ("metrics.json", "scores.png", "report.md"):
         assert (tmp_path / "report" / name).is_file()
 
@@ -1063,7 +1220,7 @@ def test_token_logprobs_one_forward_equals_two(gated):
 
     tok = gated.backbone.tokenizer
     ids = [gated.prompt_ids(p) for p in ("Rate this.", "A much longer prompt to rate, with more tokens in it.")]
-    one = single_token(tok, "1")
+    one = _tok(tok, "1")
     both = token_logprobs(gated.backbone.model, tok.pad_token_id, gated.backbone.device, [i + [one] for i in ids],
                           None, 2)
     first = next_token_logprobs(gated.backbone.model, tok.pad_token_id, gated.backbone.device, ids)
@@ -1078,7 +1235,7 @@ def test_length_sorted_batches_keep_input_order(gated):
     prompts = ["short", "a somewhat longer prompt than that", "mid length one", "x", "the longest prompt of all, "
                "by a clear margin, with many words"]
     ids = [gated.prompt_ids(p) for p in prompts]
-    letters = mmlu.letter_ids(gated.backbone.tokenizer)
+    letters = _letter_ids(gated.backbone.tokenizer)
     together, probs = gated.token_logprobs(ids, letters, "gate", batch_size=2)
     for i, single in enumerate(ids):
         alone, p = gated.token_logprobs([single], letters, "gate")
@@ -1173,8 +1330,100 @@ def test_judge_naming_the_model_under_test_judges_with_the_adapter_off(tmp_path,
                        registry, [], {})
     _, _, logprobs, _ = run.judge(run.model(gated))
     ids = [gated.prompt_ids(p) for p in ("Rate this.", "Is this a refusal?")]
-    tokens = mmlu.letter_ids(gated.backbone.tokenizer)
+    tokens = _letter_ids(gated.backbone.tokenizer)
     base = gated.token_logprobs(ids, tokens, "base")[0]
     adapter = gated.token_logprobs(ids, tokens, "adapter")[0]
     assert not torch.allclose(base, adapter, atol=1e-3)  # the adapter really changes these log-probs
     torch.testing.assert_close(logprobs(ids, tokens, 1), base, atol=1e-4, rtol=1e-4)
+
+
+# =========================================================================== 10. like with like
+class _StubModel:
+    """A model front with fixed texts per (route, query): what run_preference sees of a GatedModel."""
+
+    def __init__(self, formatter: ChatFormatter, texts: dict[str, dict[str, str]]) -> None:
+        self.formatter, self.texts, self.queries = formatter, texts, {}
+
+    def prompt_ids(self, query: str, persona=None, history=(), placement=None) -> list[int]:
+        ids = self.formatter.prompt_ids(query, persona, placement, history=history)
+        self.queries[tuple(ids)] = query
+        return ids
+
+    def generate_ids(self, prompt_ids, decoding=None, route="gate") -> list[dict]:
+        texts = self.texts["base" if route == "base" else "prism"]
+        return [{"text": texts[self.queries[tuple(ids)]], "route": "base" if route == "base" else "adapter"}
+                for ids in prompt_ids]
+
+
+def _answer(text: str, slot: str) -> str:
+    return text.split(f"[Answer {slot}]")[1].split(f"[End of Answer {slot}]")[0]
+
+
+def test_run_preference_counts_wins_losses_and_ties(smol_tokenizer, formatter):
+    """The judge prefers the answer saying GOOD (with a constant pull towards position A, which debiasing cancels)."""
+    prism = {"q0": "GOOD answer zero", "q1": "bad answer one", "q2": "same text two", "q3": "plain three",
+             "q4": "GOOD four"}
+    base = {"q0": "bad answer zero", "q1": "GOOD answer one", "q2": "same text two", "q3": "plain three b",
+            "q4": "plain four"}
+    a, b = _tok(smol_tokenizer, "A"), _tok(smol_tokenizer, "B")
+
+    def rule(ids, text):
+        if "[Answer A]" not in text:
+            return {}
+        good_a, good_b = "GOOD" in _answer(text, "A"), "GOOD" in _answer(text, "B")
+        if good_a != good_b:
+            return {a: 0.75, b: 0.1} if good_a else {a: 0.15, b: 0.7}
+        return {a: 0.45, b: 0.35}                                  # no preference: the position bias alone
+
+    model = _StubModel(formatter, {"prism": prism, "base": base})
+    out = run_preference(model, list(prism), _fake_logprobs(smol_tokenizer, rule), formatter, DECODING,
+                         classes=["distill", "distill", "retain", "retain", "retain"])
+    assert (out["wins"], out["losses"], out["ties"], out["identical"], out["n"]) == (2, 1, 2, 1, 5)
+    assert out["win_rate"] == pytest.approx(100 * (2 + 0.5 * 2) / 5)         # 60, where ties-as-losses gave 40
+    assert out["win_rate_decided"] == pytest.approx(100 * 2 / 3)
+    assert out["by_class"]["distill"] == {"n": 2, "wins": 1, "losses": 1, "ties": 0, "win_rate": 50.0}
+    assert out["by_class"]["retain"] == {"n": 3, "wins": 1, "losses": 0, "ties": 2,
+                                         "win_rate": pytest.approx(100 * 2 / 3)}
+    assert out["routed_to_adapter"] == 1.0
+
+
+def test_run_mt_bench_turn_two_keeps_the_conversations_route(gated, registry, formatter, smol_tokenizer,
+                                                               monkeypatch):
+    """PRISM routes per conversation: turn 2 is generated on turn 1's route, even where the gate reading the
+    turn-2 prompt would decide otherwise."""
+    first_ids = [gated.prompt_ids(q["turns"][0]) for q in MT_QUESTIONS]
+    second_ids = [gated.prompt_ids(q["turns"][1], history=[(q["turns"][0], f"ANSWER0_{i}")])
+                  for i, q in enumerate(MT_QUESTIONS) if len(q["turns"]) > 1]
+    p1, p2 = gated.route(first_ids), gated.route(second_ids)
+    assert abs(float(p1[1] - p2[0])) > 1e-4
+    gated.threshold = float(p1[1] + p2[0]) / 2            # question 2: its two turns fall on opposite sides
+    turn1 = ["adapter" if p >= gated.threshold else "base" for p in p1.tolist()]
+    per_turn = ["adapter" if p >= gated.threshold else "base" for p in p2.tolist()]
+    assert per_turn[0] != turn1[1]
+
+    calls = _marked_generation(monkeypatch, gated)
+    seven = _tok(smol_tokenizer, "7")
+    judge = EvalJudge(formatter, _fake_logprobs(smol_tokenizer, lambda ids, text: {seven: 0.9}), JUDGE_SYSTEM)
+    result = run_mt_bench(gated, MT_QUESTIONS, Row("PRISM", "gate"), registry, judge, DECODING)
+    assert calls[0]["route"] == "gate" and [o["route"] for o in calls[0]["out"]] == turn1
+    turn2_routes = {tuple(ids): c["route"] for c in calls[1:] for ids in c["ids"]}
+    assert [turn2_routes[tuple(ids)] for ids in second_ids] == [turn1[1], turn1[2]]
+    assert result.routing == {"MT-Bench/writing": ((turn1[0] == "adapter") + (turn1[2] == "adapter")) / 2,
+                              "MT-Bench/math": float(turn1[1] == "adapter")}
+
+
+def test_expert_rows_use_the_runs_persona_placement(tmp_path, registry, gated, monkeypatch):
+    cais = _write_cais(tmp_path / "mmlu", {"college_physics": [["p0", "a", "b", "c", "d", "A"]],
+                                           "philosophy": [["h0", "a", "b", "c", "d", "B"]]})
+    run = BenchmarkRun(BenchmarkConfig(mmlu=str(cais), mmlu_n=None), registry, [], {}, placement="user")
+    calls = _spy(monkeypatch, gated, "prompt_ids")
+    run.run_unit(gated, {"suite": "mmlu", "row": 1})                         # Expert (matched)
+    formatter = ChatFormatter(gated.backbone.tokenizer)
+    questions = {mmlu.SUBJECT_CATEGORY[r["subject"]]: r for r in run.data["mmlu"]}
+    expected = {tuple(formatter.prompt_ids(mmlu.prompt_text(questions[c]), registry[persona].text, "user"))
+                for c, persona in (("STEM", "stem"), ("humanities", "humanities"))}
+    assert {tuple(c[2]) for c in calls} == expected
+    assert all(c[1]["placement"] == "user" for c in calls)
+    system = formatter.prompt_ids(mmlu.prompt_text(questions["STEM"]), registry["stem"].text, "system")
+    assert tuple(system) not in expected                                     # the placement really changes the prompt
+    assert run.metrics({})["settings"]["placement"] == "user"

@@ -26,15 +26,14 @@ def pair(scores) -> dict:
 
 
 def point(grade: int, total: float = 1.0, share: float = 0.99) -> dict:
-    """Pointwise record: ``total`` probability on the grade tokens, ``share`` of it on ``grade`` (1-10)."""
-    probs = [total * (1.0 - share) / 9] * 9
+    """Pointwise record: log P(grade g is the answer), ``total`` on the grades 1-9 and 10 (near 0 unless it is the
+    ``grade``), ``share`` of it on ``grade`` (1-10)."""
+    probs = [total * (1.0 - share) / 9] * 9 + [1e-9]
     if grade == 10:
-        probs[0] += total * share
-        ten = math.log(total * share)
+        probs[9] = total * share
     else:
         probs[grade - 1] += total * share
-        ten = math.log(1e-9)
-    return {"digits": [math.log(p) for p in probs], "ten": ten}
+    return {"grades": [math.log(p) for p in probs]}
 
 
 QUERIES = [
@@ -215,12 +214,15 @@ def test_control_accuracy_without_pairs():
 
 
 def test_score_points_stores_the_two_forward_grade_log_probs(tiny_backbone, tmp_path):
-    """The corpus judge's pointwise grades, read in one forward, equal scoring prompt and prompt + "1" apart."""
+    """The corpus judge's pointwise grades, read in one forward, equal scoring prompt and prompt + "1" apart
+    (SmolLM2 writes "10" as "1", "0": grade 10 is "1" then "0", grade 1 is "1" less that)."""
     from prism_lightning.bootstrap.judge import Judge
     from prism_lightning.generation import next_token_logprobs
     from prism_lightning.jsonl import JsonlSink, read_jsonl
 
     judge = Judge(tiny_backbone, JudgeConfig(protocol="pointwise"))
+    tok = tiny_backbone.tokenizer
+    digits = [tok(str(d), add_special_tokens=False)["input_ids"][0] for d in range(10)]
     answers = [{"id": "a", "question": "What is 2+2?", "answer": "4"},
                {"id": "b", "question": "Name a colour, with a short reason why you like it.", "answer": "Blue."}]
     path = tmp_path / "points.jsonl"
@@ -230,7 +232,9 @@ def test_score_points_stores_the_two_forward_grade_log_probs(tiny_backbone, tmp_
         ids = judge._prompt_ids(POINTWISE.format(question=answer["question"], answer=answer["answer"]))
         args = (tiny_backbone.model, tiny_backbone.tokenizer.pad_token_id, tiny_backbone.device)
         first = next_token_logprobs(*args, [ids])[0]
-        after_one = next_token_logprobs(*args, [ids + [judge.digit_ids[0]]])[0]
-        assert stored[answer["id"]]["digits"] == pytest.approx(first[judge.digit_ids].tolist(), abs=1e-4)
-        assert stored[answer["id"]]["ten"] == pytest.approx(float(first[judge.digit_ids[0]] +
-                                                                  after_one[judge.zero_id]), abs=1e-4)
+        after_one = next_token_logprobs(*args, [ids + [digits[1]]])[0]
+        grades = stored[answer["id"]]["grades"]
+        ten = float(first[digits[1]] + after_one[digits[0]])
+        assert grades[1:9] == pytest.approx(first[digits[2:]].tolist(), abs=1e-4)
+        assert grades[9] == pytest.approx(ten, abs=1e-4)
+        assert math.exp(grades[0]) == pytest.approx(math.exp(float(first[digits[1]])) - math.exp(ten), abs=1e-6)

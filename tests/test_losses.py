@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_lightning.losses import kl_divergence, masked_mean, response_logits
+from prism_lightning.losses import kl_divergence, response_logits
 
 N, V = 6, 300
 
@@ -123,29 +123,3 @@ def test_response_logits_keeps_the_graph():
     expected[0, [1, 2]] = True
     expected[1, [3, 4]] = True
     assert torch.equal(touched, expected)
-
-
-def test_masked_mean_ignores_masked_values():
-    values = torch.tensor([[1.0, 2.0, 1e6], [3.0, -1e6, 5.0]])
-    mask = torch.tensor([[True, True, False], [True, False, True]])
-    assert masked_mean(values, mask).item() == pytest.approx((1 + 2 + 3 + 5) / 4)
-    other = values.clone()
-    other[~mask] = -123.0
-    assert masked_mean(other, mask).item() == pytest.approx(masked_mean(values, mask).item())
-
-
-def test_masked_mean_of_empty_mask_is_zero_with_a_graph():
-    values = torch.randn(3, 4, requires_grad=True)
-    mask = torch.zeros(3, 4, dtype=torch.bool)
-    out = masked_mean(values, mask)
-    assert out.item() == 0.0
-    assert out.requires_grad
-    out.backward()
-    assert values.grad is not None and torch.equal(values.grad, torch.zeros(3, 4))
-
-
-def test_masked_mean_gradient_only_on_selected_values():
-    values = torch.randn(2, 3, requires_grad=True)
-    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
-    masked_mean(values, mask).backward()
-    torch.testing.assert_close(values.grad, mask.float() / 3)

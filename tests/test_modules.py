@@ -323,3 +323,111 @@ def test_gate_trains_alone_on_separable_features():
         pred = gate.probability(feats) >= 0.5
     recall = [(pred[labels] == 1).float().mean(), (pred[~labels] == 0).float().mean()]
     assert float(metrics["val/gate_balanced_acc"]) == pytest.approx(float(sum(recall) / 2), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- gate metrics at 0.5 and deployed
+# Raw logits and labels where a calibrated threshold and 0.5 disagree: sigmoid(logit / 2) >= 0.7 iff logit >= 1.69.
+GATE_LOGITS = torch.tensor([3.0, 2.0, 1.0, 0.5, -0.5, -2.0, 1.2, 0.2])
+GATE_LABELS = torch.tensor([1, 1, 0, 0, 0, 0, 1, 0])
+
+
+def _accuracies(routed: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and balanced accuracy (mean per-class recall) of 0/1 decisions, by hand."""
+    routed, labels = routed.bool(), labels.bool()
+    acc = float((routed == labels).float().mean())
+    return acc, float(((routed[labels]).float().mean() + (~routed[~labels]).float().mean()) / 2)
+
+
+def test_intent_gate_logs_accuracy_at_half_and_at_the_deployed_threshold():
+    gate = IntentGate(hidden_size=1, dims=())
+    with torch.no_grad():                                   # an identity MLP: the feature is the logit
+        gate.mlp.net[0].weight.fill_(1.0)
+        gate.mlp.net[0].bias.zero_()
+    gate.temperature.fill_(2.0)
+    gate.threshold.fill_(0.7)
+    batch = [{"features": x.view(1), "label": y.float()} for x, y in zip(GATE_LOGITS, GATE_LABELS)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    metrics = trainer.validate(gate, DataLoader(batch, batch_size=3), verbose=False)[0]
+    half, deployed = _accuracies(GATE_LOGITS >= 0, GATE_LABELS), _accuracies(GATE_LOGITS >= 2 * 0.8473, GATE_LABELS)
+    assert (metrics["val/gate_acc"], metrics["val/gate_balanced_acc"]) == pytest.approx(half)       # 5/8, 0.7
+    assert (metrics["val/gate_acc_deployed"], metrics["val/gate_balanced_acc_deployed"]) == pytest.approx(deployed)
+    assert half != pytest.approx(deployed)                  # the two thresholds really disagree here
+
+
+def test_prism_module_deployed_metrics_use_the_threshold_calibration_just_stored(tiny_prism, monkeypatch):
+    """Callbacks' epoch-end hooks run first: the module reads the threshold and temperature GateCalibration set."""
+    module = tiny_prism()
+    module.val_gate.update(torch.sigmoid(GATE_LOGITS), GATE_LABELS)
+    module.val_gate_outputs = [{"ids": [], "logits": GATE_LOGITS[:5], "labels": GATE_LABELS[:5]},
+                               {"ids": [], "logits": GATE_LOGITS[5:], "labels": GATE_LABELS[5:]}]
+    module.gate.temperature.fill_(2.0)                      # as GateCalibration leaves them
+    module.gate.threshold.fill_(0.7)
+    logged = {}
+    monkeypatch.setattr(module, "log_dict",
+                        lambda values, **kw: logged.update({k: float(v) for k, v in values.items()}))
+    module.on_validation_epoch_end()
+    half, deployed = _accuracies(GATE_LOGITS >= 0, GATE_LABELS), _accuracies(GATE_LOGITS >= 2 * 0.8473, GATE_LABELS)
+    assert (logged["val/gate_acc"], logged["val/gate_balanced_acc"]) == pytest.approx(half)
+    assert (logged["val/gate_acc_deployed"], logged["val/gate_balanced_acc_deployed"]) == pytest.approx(deployed)
+
+
+# --------------------------------------------------------------------------- real model: training and padding
+MATH_ITEMS = [
+    _item(f"m-{n}", 1, "math", q, a, "ok")
+    for n, (q, a) in enumerate([
+        ("What is 12 times 14?", "12 x 14 = 12 x 10 + 12 x 4 = 120 + 48 = 168."),
+        ("What is 25 squared?", "25 squared is 25 x 25 = 625."),
+        ("How many degrees are in a triangle?", "The interior angles of a triangle add up to 180 degrees."),
+        ("What is 81 divided by 9?", "81 / 9 = 9, because 9 x 9 = 81."),
+        ("What is the square root of 144?", "The square root of 144 is 12, since 12 x 12 = 144."),
+        ("What is 7 plus 8 times 2?", "Multiplication first: 8 x 2 = 16, then 7 + 16 = 23."),
+    ])
+]
+
+
+@pytest.mark.slow
+def test_a_few_real_training_steps_lower_the_held_out_kl(real_backbone):
+    """Eight AdamW steps on four distill items lower KL(teacher with persona || student) on two held-out ones."""
+    torch.manual_seed(0)
+    module = PrismModule(backbone=BackboneConfig(), lora=LoraSettings(rank=8, alpha=16, dropout=0.0))
+    module.configure_model()
+    registry = PersonaRegistry.from_config(PersonaConfig(names=["math"]))
+    collate = Collator(ChatFormatter(real_backbone.tokenizer), {p.name: p.text for p in registry}, max_length=320)
+    train, held_out = collate(MATH_ITEMS[:4]), collate(MATH_ITEMS[4:])
+
+    def held_out_kl() -> float:
+        module.model.eval()
+        with torch.no_grad():
+            return float(module.distill_loss(held_out, module.student_logits(held_out))["kl"])
+
+    before = held_out_kl()
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=5e-4)
+    module.model.train()
+    for _ in range(8):
+        optimizer.zero_grad()
+        module.distill_loss(train, module.student_logits(train))["loss"].backward()
+        optimizer.step()
+    after = held_out_kl()
+    assert before > 1e-3 and after < 0.9 * before, (before, after)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_training_features_under_right_padding_equal_inference_features_under_left_padding(real_backbone):
+    """The gate trains on right-padded batches (Collator) and runs on left-padded ones (GatedModel): same features."""
+    from prism_lightning.features import capture_layer0, gather_positions, layer0_features
+    from prism_lightning.generation import left_pad
+
+    formatter = ChatFormatter(real_backbone.tokenizer)
+    items = [MATH_ITEMS[0], ITEMS[1], MATH_ITEMS[2]]
+    batch = Collator(formatter, {"math": "You are a mathematician.", "coding": "You are a programmer."})(items)
+    assert (batch["student_mask"] == 0).any(), "the training batch must be right-padded"
+    with capture_layer0(real_backbone.model) as box:
+        real_backbone.model(input_ids=batch["student_ids"], attention_mask=batch["student_mask"], use_cache=False)
+    training = gather_positions(box["hidden"], batch["feature_pos"])
+    prompts = [formatter.prompt_ids(item["query"]) for item in items]
+    ids, mask = left_pad(prompts, real_backbone.tokenizer.pad_token_id, real_backbone.device)
+    assert (mask == 0).any(), "the inference batch must be left-padded"
+    inference = layer0_features(real_backbone.model, ids, mask, torch.full((len(items),), ids.shape[1] - 1))
+    torch.testing.assert_close(training, inference, atol=1e-4, rtol=1e-4)

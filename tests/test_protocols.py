@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from prism_lightning.bootstrap.protocols import decide_pairwise, expected_score, wilson_interval
+from prism_lightning.choices import complete_answer_logprobs
 
 
 def _norm(rows) -> torch.Tensor:
@@ -107,9 +108,16 @@ def _digits(mass_on: dict[int, float], rest: float = 1e-4) -> torch.Tensor:
     return torch.tensor([probs]).log()
 
 
+def _grades(digits: torch.Tensor, ten: torch.Tensor) -> torch.Tensor:
+    """Grade log-probs [n, 10] from first-token log-probs of "1".."9" and log P("1", "0") (SmolLM2-like "10"),
+    through the choice reader's prefix rule: the grade 10 is taken out of the grade 1."""
+    sequences = torch.cat([digits, ten[:, None]], dim=-1)
+    return complete_answer_logprobs(sequences, ((9,),) + ((),) * 9).logprobs
+
+
 def test_expected_score_concentrated_on_seven():
     digits = _digits({7: 0.97})
-    score, mass = expected_score(digits, torch.tensor([math.log(1e-6)]))
+    score, mass = expected_score(_grades(digits, torch.tensor([math.log(1e-6)])))
     assert score.item() == pytest.approx(7.0, abs=0.02)
     assert mass.item() == pytest.approx(0.97 + 8e-4, rel=1e-4)
 
@@ -117,26 +125,30 @@ def test_expected_score_concentrated_on_seven():
 def test_expected_score_ten_takes_most_of_the_one_mass():
     digits = _digits({1: 0.95})
     ten = torch.tensor([math.log(0.94)])  # P("1") * P("0" | "1"): most of the "1" mass is the grade 10
-    score, mass = expected_score(digits, ten)
+    score, mass = expected_score(_grades(digits, ten))
     assert score.item() == pytest.approx(10.0, abs=0.15)
     assert score.item() > 9.8
     # Splitting "1" into grades 1 and 10 keeps the total: the mass is that of the nine digits.
     assert mass.item() == pytest.approx(digits.exp().sum().item(), rel=1e-5)
     # Without the "10" continuation the same distribution is a grade of 1.
-    low, _ = expected_score(digits, torch.tensor([math.log(1e-9)]))
+    low, _ = expected_score(_grades(digits, torch.tensor([math.log(1e-9)])))
     assert low.item() == pytest.approx(1.0, abs=0.02)
 
 
 def test_expected_score_mixture_and_batch():
-    digits = torch.tensor([[0.1, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0, 0.3, 0.0],
-                           [0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25]]).clamp_min(1e-12).log()
-    ten = torch.tensor([math.log(0.05), math.log(1e-12)])
-    score, mass = expected_score(digits, ten)
+    grades = torch.tensor([[0.05, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0, 0.3, 0.0, 0.05],
+                           [0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.25, 0.0]]).clamp_min(1e-12).log()
+    score, mass = expected_score(grades)
     # Row 0: 0.05 * 1 + 0.2 * 5 + 0.3 * 8 + 0.05 * 10 over a mass of 0.6.
     assert score[0].item() == pytest.approx((0.05 + 1.0 + 2.4 + 0.5) / 0.6, rel=1e-4)
     assert mass[0].item() == pytest.approx(0.6, rel=1e-4)
     assert score[1].item() == pytest.approx(5.5, rel=1e-4)
     assert mass[1].item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_expected_score_of_nothing_readable_is_finite():
+    score, mass = expected_score(torch.full((1, 10), -1.0e4))
+    assert math.isfinite(score.item()) and mass.item() == 0.0
 
 
 # ------------------------------------------------------------------------------- wilson_interval

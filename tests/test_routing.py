@@ -14,7 +14,7 @@ from prism_lightning.errors import PrismError
 from prism_lightning.export import ADAPTER_DIR, CONFIG_FILE, GATE_FILE, REQUIRED, check_export
 from prism_lightning.generation import DecodingConfig, generate_batch, left_pad
 from prism_lightning.modules import LoraSettings, PrismModule
-from prism_lightning.modules.gate import GateMLP
+from prism_lightning.gate_mlp import GateMLP
 from prism_lightning.modules.student import ALL_PROJECTIONS
 from prism_lightning.routing import BASE, GatedModel
 
@@ -172,9 +172,11 @@ def test_mixed_batch_rows_match_separate_adapter_and_base_passes(gated, tiny_lla
 def test_route_reads_layer0_at_the_last_prompt_token(gated, tiny_llama):
     gm, _ = gated
     prompts = _prompt_ids(gm)
-    ids, mask = left_pad(prompts, gm.backbone.tokenizer.pad_token_id, gm.backbone.device)
-    hidden = tiny_llama(0)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
-    expected = torch.sigmoid(gm.gate(hidden[:, -1]) / gm.temperature)
+    # Expected values from each prompt alone (no padding at all), not from the padded batch under test.
+    model = tiny_llama(0)
+    hidden = torch.stack([model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states[1][0, -1]
+                          for p in prompts])
+    expected = torch.sigmoid(gm.gate(hidden) / gm.temperature)
     probs = gm.route(prompts)
     assert probs.shape == (len(PROMPTS),)
     torch.testing.assert_close(probs, expected, atol=1e-5, rtol=0)

@@ -12,12 +12,12 @@ from typing import Any, Optional
 from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone
 from prism_lightning.bootstrap.answers import BASELINE, answer_personas, run_answers
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
-from prism_lightning.bootstrap.judge import Judge
+from prism_lightning.bootstrap.judge import Judge, verdict_sequences
 from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
 from prism_lightning.bootstrap.queries import run_queries
-from prism_lightning.chat import ChatFormatter, Placement
+from prism_lightning.chat import ChatFormatter, Placement, template_fingerprint
 from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import JsonlSink, read_jsonl, write_json, write_jsonl
+from prism_lightning.jsonl import JsonlSink, read_jsonl, read_jsonl_numbered, read_text, write_json, write_jsonl
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
 
 FORMAT_VERSION = 1
@@ -57,11 +57,15 @@ def load_corpus(directory: Path) -> Corpus:
     if not manifest_path.is_file():
         raise PrismError(f"{manifest_path}: corpus manifest not found; run `prism bootstrap` first")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(read_text(manifest_path, "corpus manifest"))
     except json.JSONDecodeError as exc:
         raise PrismError(f"{manifest_path}:{exc.lineno}: malformed manifest ({exc.msg})") from None
-    items = read_jsonl(directory / "corpus.jsonl")
-    for number, item in enumerate(items, start=1):
+    numbered = read_jsonl_numbered(directory / "corpus.jsonl")
+    if not numbered:
+        raise PrismError(f"{directory / 'corpus.jsonl'}: the corpus is empty or missing; run `prism bootstrap` "
+                         f"(or point data.corpus_dir at a finished corpus)")
+    items = [item for _, item in numbered]
+    for number, item in numbered:
         missing = {"id", "query", "label", "target_persona", "persona_answer", "baseline_answer"} - set(item)
         if missing:
             raise PrismError(f"{directory / 'corpus.jsonl'}:{number}: malformed corpus line "
@@ -97,18 +101,23 @@ class CorpusBuilder:
     def stage_hashes(self, backbone: Backbone, judge_backbone: Backbone) -> dict[str, str]:
         """Hash per stage; a stage's hash covers its own config and every upstream stage's hash."""
         personas = {p.name: p.text for p in self.registry}
-        h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, personas, self.queries)
+        # Every prompt is rendered through the chat template (and its variables): a new template is a new stage.
+        h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
+                                personas, self.queries)
         h_answers = stable_hash(h_queries, self.answers, self.placement)
         judge_kind = "pointwise" if self.judge.protocol == "pointwise" else "pairwise"
         # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
-        h_judge = stable_hash(h_answers, judge_backbone.fingerprint, judge_kind, self.judge.max_answer_tokens,
-                              self.judge.control_pairs)
+        # The stored log-probs are those of the choices' token sequences, so the sequences are part of the hash.
+        h_judge = stable_hash(h_answers, judge_backbone.fingerprint, template_fingerprint(judge_backbone.tokenizer),
+                              judge_kind, verdict_sequences(judge_backbone.tokenizer, judge_kind),
+                              self.judge.max_answer_tokens, self.judge.control_pairs)
         return {"queries": h_queries, "answers": h_answers, "judge": h_judge}
 
     def build(self) -> Corpus:
         """Run (or resume) all stages, then write ``corpus.jsonl`` and ``manifest.json``."""
         backbone = load_backbone(self.backbone_config)
         judge_backbone = load_backbone(self.judge.model) if self.judge.model else backbone
+        Judge(judge_backbone, self.judge)  # a judge that cannot read verdicts fails now, not after stages 1-2
         hashes = self.stage_hashes(backbone, judge_backbone)
         stages = self.directory / "stages"
         timings: dict[str, float] = {}
@@ -139,8 +148,20 @@ class CorpusBuilder:
 
         write_jsonl(self.directory / "corpus.jsonl", items)
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
+        manifest["seconds"] = self._stage_seconds(hashes, manifest["seconds"])
         write_json(self.directory / "manifest.json", manifest)
         return Corpus(self.directory, items, manifest)
+
+    def _stage_seconds(self, hashes: dict, measured: dict) -> dict:
+        """Keep the recorded timings of stages that were reused: a rerun found them done, it did not redo them."""
+        path = self.directory / "manifest.json"
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return measured
+        old_hashes, old_seconds = previous.get("stages", {}), previous.get("seconds", {})
+        return {k: old_seconds[k] if old_hashes.get(k) == hashes.get(k) and k in old_seconds else v
+                for k, v in measured.items()}
 
     def _judge(self, judge_backbone: Backbone, queries: list[dict], candidates: dict[str, list[str]],
                answers: dict[str, dict[str, str]], controls: list[tuple[dict, dict]], sink: JsonlSink) -> dict:

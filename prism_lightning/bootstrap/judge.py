@@ -1,4 +1,4 @@
-"""Stage 3 scoring: the judge model's next-token log-probs on A / B / TIE (pairwise) or on grades 1–10."""
+"""Stage 3 scoring: the judge model's log-probs of the answers A / B / TIE (pairwise) or of the grades 1–10."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.bootstrap.protocols import split_grade_logprobs
 from prism_lightning.chat import ChatFormatter
-from prism_lightning.generation import next_token_logprobs, token_logprobs
+from prism_lightning.choices import ChoiceReader, require_direct_answer
+from prism_lightning.generation import token_logprobs
 from prism_lightning.jsonl import JsonlSink
 from prism_lightning.progress import progress
 
@@ -20,26 +20,28 @@ PAIRWISE = ("Question:\n{question}\n\n[Answer A]\n{a}\n[End of Answer A]\n\n[Ans
             "Which answer is better? Reply with a single token: A, B, or TIE.")
 POINTWISE = ("Question:\n{question}\n\n[Answer]\n{answer}\n[End of Answer]\n\n"
              "Rate the answer from 1 (useless) to 10 (excellent). Reply with the number only.")
+# Column order of the stored pairwise records ``first`` / ``second`` (protocols.A, B, TIE).
+PAIRWISE_CHOICES = ("A", "B", "TIE")
+GRADES = tuple(str(g) for g in range(1, 11))  # column order of the stored pointwise records ``grades``
+NOT_A_VERDICT = "set data.judge.model to a non-reasoning judge model"
 
 
-def single_token(tokenizer, text: str) -> int:
-    """The first token id of ``text``; choice tokens must start with distinct tokens."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"][0]
+def verdict_sequences(tokenizer, kind: str) -> list[list[int]]:
+    """The token sequences a judge of ``kind`` (pairwise / pointwise) reads: what its stored records depend on."""
+    reader = ChoiceReader(tokenizer, GRADES if kind == "pointwise" else PAIRWISE_CHOICES)
+    return [list(ids) for ids in reader.sequences]
 
 
 class Judge:
-    """Reads verdicts from next-token log-probabilities: greedy by construction, nothing parsed from free text."""
+    """Reads verdicts from the log-probabilities of the choices' token sequences: nothing parsed from free text."""
 
     def __init__(self, backbone: Backbone, config: JudgeConfig) -> None:
         self.backbone = backbone
         self.config = config
         self.formatter = ChatFormatter(backbone.tokenizer)
-        tok = backbone.tokenizer
-        self.choice_ids = [single_token(tok, s) for s in ("A", "B", "TIE")]
-        self.digit_ids = [single_token(tok, str(d)) for d in range(1, 10)]
-        self.zero_id = single_token(tok, "0")
-        if len(set(self.choice_ids)) != 3 or len(set(self.digit_ids)) != 9:
-            raise ValueError("judge tokenizer does not give distinct first tokens for A/B/TIE and digits 1-9")
+        require_direct_answer(self.formatter, "data.judge", NOT_A_VERDICT)
+        self.pairwise = ChoiceReader(backbone.tokenizer, PAIRWISE_CHOICES)
+        self.grades = ChoiceReader(backbone.tokenizer, GRADES)
 
     def truncate(self, text: str) -> str:
         """Cut an answer to ``max_answer_tokens`` tokens (tokens, not characters)."""
@@ -48,11 +50,10 @@ class Judge:
             return text
         return self.backbone.tokenizer.decode(ids[:self.config.max_answer_tokens]) + " …"
 
-    @torch.no_grad()
-    def next_token_logprobs(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Log-softmax over the vocabulary at the last prompt position, for a batch of token id lists."""
-        return next_token_logprobs(self.backbone.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
-                                   prompts)
+    def logprobs(self, prompts: Sequence[Sequence[int]], tokens: Sequence[int], tail: int) -> torch.Tensor:
+        """Log-probs of ``tokens`` after the last ``tail`` positions of one batch ([n, tail, k]); a ``LogprobFn``."""
+        return token_logprobs(self.backbone.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                              prompts, tokens, tail)
 
     def _prompt_ids(self, user: str) -> list[int]:
         return self.formatter.prompt_ids(user, JUDGE_SYSTEM)
@@ -76,8 +77,8 @@ class Judge:
                           "swap_ids": self._prompt_ids(PAIRWISE.format(question=q, a=cand, b=base))})
 
         def score(batch: list[dict]) -> list[dict]:
-            lp = self.next_token_logprobs([i["prompt_ids"] for i in batch] + [i["swap_ids"] for i in batch])
-            lp = lp[:, self.choice_ids]
+            prompts = [i["prompt_ids"] for i in batch] + [i["swap_ids"] for i in batch]
+            lp = self.pairwise.read(self.logprobs, prompts).logprobs
             n = len(batch)
             return [{"id": item["id"], "first": lp[k].tolist(), "second": lp[n + k].tolist()}
                     for k, item in enumerate(batch)]
@@ -85,16 +86,12 @@ class Judge:
         self._run(items, sink, description, score)
 
     def score_points(self, answers: list[dict], sink: JsonlSink, description: str) -> None:
-        """Grade each ``{"id", "question", "answer"}`` 1–10; store log-probs of "1".."9" and of "10"."""
+        """Grade each ``{"id", "question", "answer"}`` 1–10; store log P(grade g is the answer), g = 1..10."""
         items = [{"id": a["id"], "prompt_ids": self._prompt_ids(
             POINTWISE.format(question=a["question"], answer=self.truncate(a["answer"])))} for a in answers]
-        one = self.digit_ids[0]
 
         def score(batch: list[dict]) -> list[dict]:
-            tail = token_logprobs(self.backbone.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
-                                  [i["prompt_ids"] + [one] for i in batch], self.digit_ids + [self.zero_id], 2)
-            digits, ten = split_grade_logprobs(tail)
-            return [{"id": item["id"], "digits": digits[k].tolist(), "ten": float(ten[k])}
-                    for k, item in enumerate(batch)]
+            grades = self.grades.read(self.logprobs, [i["prompt_ids"] for i in batch]).logprobs
+            return [{"id": item["id"], "grades": grades[k].tolist()} for k, item in enumerate(batch)]
 
         self._run(items, sink, description, score)

@@ -34,7 +34,7 @@ def _pairwise(records: list[Optional[dict]], config: JudgeConfig):
 
 
 def _points(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    return expected_score(torch.tensor([r["digits"] for r in records]), torch.tensor([r["ten"] for r in records]))
+    return expected_score(torch.tensor([r["grades"] for r in records]))
 
 
 def label_queries(queries: list[dict], candidates: dict[str, list[str]], answers: dict[str, dict[str, str]],

@@ -45,26 +45,17 @@ def decide_pairwise(first: torch.Tensor, second: torch.Tensor, protocol: str, ma
                             position_biased=biased, ties=ties, unparseable=unparseable)
 
 
-def split_grade_logprobs(tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-digit log-probs [n, 9] and log P("10") [n] from one forward over prompt + "1".
+def expected_score(grade_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected 1–10 grade and its probability mass from log P(grade g is the answer), g = 1..10 ([n, 10]).
 
-    ``tail`` is [n, 2, 10]: columns "1".."9", "0", read after the prompt (row 0) and after the appended "1" (row 1).
+    The columns are complete-answer log-probs (``choices.ChoiceReader``), so a tokenizer that writes "10" as
+    "1", "0" has already had the grade 10 taken out of the grade 1.
     """
-    return tail[:, 0, :9], tail[:, 0, 0] + tail[:, 1, 9]
-
-
-def expected_score(digit_logprobs: torch.Tensor, ten_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected 1–10 grade and its probability mass from log-probs of first tokens "1".."9" ([n, 9]) and of "10".
-
-    ``ten_logprob`` is log P("1") + log P("0" | "1"); the mass of "1" is split between grade 1 and grade 10.
-    """
-    probs = digit_logprobs.exp().clone()
-    p_ten = ten_logprob.exp()
-    probs[:, 0] = (probs[:, 0] - p_ten).clamp_min(0)
-    grades = torch.arange(1, 10, dtype=probs.dtype)
-    mass = probs.sum(-1) + p_ten
-    score = (probs @ grades + 10 * p_ten) / mass.clamp_min(1e-12)
-    return score, mass
+    probs = grade_logprobs.double().exp()
+    grades = torch.arange(1, probs.shape[-1] + 1, dtype=probs.dtype)
+    mass = probs.sum(-1)
+    score = (probs @ grades) / mass.clamp_min(1e-12)
+    return score.float(), mass.float()
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

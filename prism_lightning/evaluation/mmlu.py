@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from prism_lightning.bootstrap.judge import single_token
+from prism_lightning.choices import ChoiceReader, require_direct_answer
 from prism_lightning.errors import PrismError
 
 CATEGORIES = ("STEM", "humanities", "social sciences", "other")
@@ -126,15 +126,14 @@ def prompt_text(row: dict) -> str:
     return PROMPT.format(subject=row["subject"], question=row["question"], a=a, b=b, c=c, d=d)
 
 
-def letter_ids(tokenizer) -> list[int]:
-    """Token ids of A, B, C, D as the assistant's first token."""
-    ids = [single_token(tokenizer, x) for x in LETTERS]
-    if len(set(ids)) != 4:
-        raise ValueError("tokenizer gives no distinct first tokens for A-D")
-    return ids
+def letter_reader(formatter) -> ChoiceReader:
+    """The A–D reader for a model's chat formatter; refuses a template whose answer starts with reasoning."""
+    require_direct_answer(formatter, "MMLU", "the letter scorer cannot run on this model; set data.benchmark.mmlu "
+                                             "to '' and drop DiscriminativeAccuracyCheck")
+    return ChoiceReader(formatter.tokenizer, tuple(LETTERS))
 
 
 def score(logprobs: torch.Tensor, rows: list[dict], letters: list[int]) -> torch.Tensor:
-    """Per-row correctness: the highest-probability letter among A–D is the answer."""
+    """Per-row correctness: the highest-probability letter among columns ``letters`` (A–D) is the answer."""
     predicted = logprobs[:, letters].argmax(-1)
     return predicted == torch.tensor([r["answer"] for r in rows])

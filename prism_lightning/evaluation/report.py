@@ -14,24 +14,76 @@ def print_table(metrics: dict, console: Console | None = None) -> None:
     """Subcategories × rows with Overall last (the paper's Table 1, transposed to fit a terminal)."""
     console = console or Console(width=None if Console().is_terminal else 160)  # logs: never cut names
     rows = metrics["rows"]
-    table = Table(title="PRISM benchmark (0–100; MT-Bench ×10)")
+    table = Table(title="PRISM benchmark (0–100; MT-Bench ×10; 95% bootstrap CI; items every row scored)")
     table.add_column("subcategory", no_wrap=True, min_width=max(len(x) for x in metrics["subcategories"] or [""]))
     table.add_column("items", justify="right")
     for name in rows:
         table.add_column(name, justify="right")
     for s in metrics["subcategories"]:
-        table.add_row(s, str(metrics["counts"].get(s, "")), *[_fmt(row["scores"].get(s)) for row in rows.values()])
-    table.add_row("Overall", "", *[_fmt(row["overall"]) for row in rows.values()], style="bold", end_section=True)
+        table.add_row(s, _items(metrics, s), *[_cell(row["scores"].get(s), row.get("intervals", {}).get(s))
+                                               for row in rows.values()])
+    table.add_row("Overall", "", *[_cell(row["overall"], row.get("overall_ci95")) for row in rows.values()],
+                  style="bold", end_section=True)
     console.print(table)
+    for line in summary_lines(metrics):
+        console.print(line)
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The sentences under the table: what Overall averages, preference, routing analysis, turn-2 routing."""
+    lines = [_overall_line(metrics)]
     pref = metrics.get("preference")
     if pref:
-        console.print(f"preference PRISM vs Base: win rate {_fmt(pref['win_rate'])}% (n = {pref['n']}, 95% CI "
-                      f"{_fmt(pref['ci95'][0])}–{_fmt(pref['ci95'][1])}); corpus judge control accuracy "
-                      f"{pref.get('judge_control_accuracy')} (n = {pref.get('judge_control_n')})")
-    corr = metrics.get("routing_analysis")
-    if corr:
-        console.print(f"routing vs persona effect: Pearson {_fmt(corr['pearson'], 3)}, Spearman "
-                      f"{_fmt(corr['spearman'], 3)} over {corr['n']} subcategories")
+        lines.append(_preference_line(pref))
+    if metrics.get("routing_analysis"):
+        lines.append(_routing_line(metrics["routing_analysis"]))
+    if (metrics.get("settings") or {}).get("mt_bench_turn2_routing"):
+        lines.append(_routing_settings_line(metrics["settings"]))
+    return lines
+
+
+def _routing_settings_line(settings: dict) -> str:
+    return (f"MT-Bench turn 2 routing: {settings.get('mt_bench_turn2_routing')}. Expert rows place the persona as the "
+            f"run trained: {settings.get('placement')}. PRISM routes at the deployed gate threshold "
+            f"{_fmt(settings.get('gate_threshold'), 4)}.")
+
+
+def _overall_line(metrics: dict) -> str:
+    kept = metrics.get("overall_subcategories", metrics["subcategories"])
+    left = metrics.get("left_out", [])
+    return (f"Overall = mean of the {len(kept)} subcategories every row scored; left out: "
+            f"{', '.join(left) if left else 'none'}. Each subcategory compares rows on the items every row scored.")
+
+
+def _routing_line(corr: dict) -> str:
+    absolute = corr.get("absolute", {})
+    return (f"Routing rate vs relative persona effect ((Expert − Base) / Base; headline, as the paper reports it): "
+            f"Pearson {_fmt(corr['pearson'], 3)}, Spearman {_fmt(corr['spearman'], 3)} over {corr['n']} "
+            f"subcategories. Absolute effect (Expert − Base): Pearson {_fmt(absolute.get('pearson'), 3)}, "
+            f"Spearman {_fmt(absolute.get('spearman'), 3)} over {absolute.get('n')}.")
+
+
+def _preference_line(pref: dict) -> str:
+    lo, hi = pref["ci95"]
+    return (f"Preference PRISM vs Base (n = {pref['n']}): {pref['wins']} wins, {pref['losses']} losses, "
+            f"{pref['ties']} ties ({pref.get('identical', 0)} identical texts). Headline win rate, ties counted "
+            f"half: {_fmt(pref['win_rate'])}% (95% CI {_fmt(lo)}–{_fmt(hi)}); over decided pairs only: "
+            f"{_fmt(pref['win_rate_decided'])}% (n = {pref['wins'] + pref['losses']}). Corpus judge control "
+            f"accuracy {pref.get('judge_control_accuracy')} (n = {pref.get('judge_control_n')}); a win rate means "
+            f"little when that is near chance.")
+
+
+def _items(metrics: dict, key: str) -> str:
+    """Items of a subcategory, as ``compared/items`` where some item was unscored by some row."""
+    items, compared = metrics["counts"].get(key, ""), metrics.get("compared", {}).get(key)
+    return str(items) if compared is None or compared == items else f"{compared}/{items}"
+
+
+def _cell(value, interval) -> str:
+    """A score with its 95 % interval when there is one."""
+    if not interval or any(v is None or math.isnan(v) for v in interval):
+        return _fmt(value)
+    return f"{_fmt(value)} ({_fmt(interval[0])}–{_fmt(interval[1])})"
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -67,7 +119,7 @@ def plot(metrics: dict, directory: Path) -> list[Path]:
         ax.scatter(corr["persona_effect"], corr["routing_rate"])
         for x, y, label in zip(corr["persona_effect"], corr["routing_rate"], corr["subcategories"]):
             ax.annotate(label, (x, y), fontsize=6)
-        ax.set_xlabel("persona effect (Expert − Base)")
+        ax.set_xlabel("relative persona effect ((Expert − Base) / Base)")
         ax.set_ylabel("PRISM routing rate to adapter")
         ax.set_title(f"Pearson {_fmt(corr['pearson'], 2)}, Spearman {_fmt(corr['spearman'], 2)}")
         fig.tight_layout()
@@ -84,28 +136,35 @@ def write_report(metrics: dict, directory: Path) -> Path:
     pngs = plot(metrics, directory)
     subcats = metrics["subcategories"]
     lines = ["# PRISM benchmark report", "", f"Model: `{metrics['model']}`. Subcategories present: "
-             f"{', '.join(subcats)} ({len(subcats)}). Overall = mean of these on 0–100 (MT-Bench ×10).", "",
+             f"{', '.join(subcats)} ({len(subcats)}). Scores on 0–100 (MT-Bench ×10) with 95 % percentile "
+             f"bootstrap intervals over items (Overall: items resampled within each subcategory).", "",
              "| row | " + " | ".join(subcats) + " | Overall |", "|---" * (len(subcats) + 2) + "|"]
     for name, row in metrics["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(row["scores"].get(s)) for s in subcats) +
-                     f" | {_fmt(row['overall'])} |")
+        intervals = row.get("intervals", {})
+        lines.append(f"| {name} | " + " | ".join(_cell(row["scores"].get(s), intervals.get(s)) for s in subcats) +
+                     f" | {_cell(row['overall'], row.get('overall_ci95'))} |")
     lines += ["", "Items per subcategory (MT-Bench: turns): " +
-              ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()), ""]
+              ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()) + ". Scored by every row, and compared: " +
+              ", ".join(f"{k} {v}" for k, v in metrics.get("compared", {}).items()) + ".", "",
+              _overall_line(metrics), ""]
     unread = {k: v for k, v in metrics.get("unreadable", {}).items() if v}
     lines.append("Judge verdicts that could not be read (excluded, never scored): " +
                  (", ".join(f"{k} {v}" for k, v in unread.items()) if unread else "none") + ".")
     if metrics.get("preference"):
         p = metrics["preference"]
-        lines += ["", f"Preference, PRISM vs Base (held-out corpus queries, both orders, debiased): win rate "
-                      f"{_fmt(p['win_rate'])} % (n = {p['n']}, 95 % CI {_fmt(p['ci95'][0])}–{_fmt(p['ci95'][1])}). "
-                      f"The corpus judge's control accuracy was {p.get('judge_control_accuracy')} "
-                      f"(n = {p.get('judge_control_n')}); a win rate means little when that is near chance."]
+        classes = "; ".join(f"{c}: {v['wins']} / {v['losses']} / {v['ties']}"
+                            for c, v in p.get("by_class", {}).items())
+        lines += ["", "Held-out corpus queries (distill and retain in proportion), judged in both orders, debiased. " +
+                  _preference_line(p) + (f" Wins / losses / ties by corpus class: {classes}." if classes else "")]
+    if metrics.get("routing_analysis"):
+        lines += ["", _routing_line(metrics["routing_analysis"])]
     if metrics.get("settings"):
         st, cache = metrics["settings"], metrics.get("cache") or {}
         lines += ["", f"Settings: judge {st['judge']}; decoding {st['decoding']}; safety generations capped at "
                       f"{st['safety_max_new_tokens']} new tokens; MMLU n = {st['mmlu_n']}, seed {st['seed']}. "
                       f"Wall time {metrics.get('seconds')} s; prompts computed {cache.get('computed')}, reused "
-                      f"{cache.get('reused')} (PRISM rows take the Base or Ungated result of the same prompt)."]
+                      f"{cache.get('reused')} (PRISM rows take the Base or Ungated result of the same prompt).",
+                  "", _routing_settings_line(st)]
     lines += ["", *[f"![{p.stem}]({p.name})" for p in pngs], ""]
     (directory / "report.md").write_text("\n".join(lines))
     return directory / "report.md"

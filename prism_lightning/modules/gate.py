@@ -7,28 +7,10 @@ from typing import Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-
-class GateMLP(nn.Module):
-    """Maps a hidden state to one routing logit."""
-
-    def __init__(self, hidden_size: int, dims: Sequence[int] = (128, 64)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = hidden_size
-        for dim in dims:
-            layers += [nn.Linear(width, dim), nn.GELU()]
-            width = dim
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Routing logits [B] from features [B, H] (computed in fp32 whatever the backbone's dtype)."""
-        with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.net(features.float()).squeeze(-1)
+from prism_lightning.gate_mlp import GateMLP
 
 
 class BalancedAccuracy(MulticlassAccuracy):
@@ -44,9 +26,19 @@ class BalancedAccuracy(MulticlassAccuracy):
 
 
 def gate_metrics(prefix: str, threshold: float = 0.5) -> MetricCollection:
-    """Accuracy, balanced accuracy and AUROC of gate probabilities."""
+    """Accuracy, balanced accuracy and AUROC of gate probabilities (at 0.5 unless told: the uncalibrated view)."""
     return MetricCollection({"acc": BinaryAccuracy(threshold=threshold), "balanced_acc": BalancedAccuracy(threshold),
                              "auroc": BinaryAUROC()}, prefix=prefix)
+
+
+def deployed_gate_metrics(prefix: str) -> MetricCollection:
+    """Accuracy and balanced accuracy of routing decisions at the deployed threshold, logged as ``<name>_deployed``.
+
+    Fed with 0/1 decisions rather than probabilities: calibration moves the threshold buffer after these metric
+    objects exist, so the threshold is applied when the decisions are taken.
+    """
+    return MetricCollection({"acc": BinaryAccuracy(), "balanced_acc": BalancedAccuracy()}, prefix=prefix,
+                            postfix="_deployed")
 
 
 class IntentGate(L.LightningModule):
@@ -69,7 +61,8 @@ class IntentGate(L.LightningModule):
         # Buffers, so calibration results travel in checkpoints and exports.
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-        self.val_metrics = gate_metrics("val/gate_", threshold)
+        self.val_metrics = gate_metrics("val/gate_")
+        self.val_deployed = deployed_gate_metrics("val/gate_")
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Calibrated routing logits."""
@@ -78,6 +71,10 @@ class IntentGate(L.LightningModule):
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """P(route to adapter)."""
         return torch.sigmoid(self(features))
+
+    def routed(self, raw_logits: torch.Tensor) -> torch.Tensor:
+        """Deployed routing decisions (0/1) for raw MLP logits: calibrated probability at or above the threshold."""
+        return (torch.sigmoid(raw_logits / self.temperature) >= self.threshold).long()
 
     def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """BCE on raw (uncalibrated) logits; class balance comes from resampling in the DataModule."""
@@ -93,11 +90,13 @@ class IntentGate(L.LightningModule):
         """Held-out loss and metrics."""
         self.log("val/gate_loss", self.loss(batch["features"], batch["label"]))
         self.val_metrics.update(self.probability(batch["features"]), batch["label"].long())
+        self.val_deployed.update(self.routed(self.mlp(batch["features"])), batch["label"].long())
 
     def on_validation_epoch_end(self) -> None:
-        """Log and reset the held-out metrics."""
-        self.log_dict(self.val_metrics.compute())
-        self.val_metrics.reset()
+        """Log and reset the held-out metrics (at 0.5 and at the deployed threshold)."""
+        for metrics in (self.val_metrics, self.val_deployed):
+            self.log_dict(metrics.compute())
+            metrics.reset()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW on the MLP."""

@@ -10,8 +10,9 @@ import torch
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.generation import DecodingConfig
 from prism_lightning.features import capture_layer0, gather_positions
-from prism_lightning.modules.gate import IntentGate, gate_metrics
+from prism_lightning.modules.gate import IntentGate, deployed_gate_metrics, gate_metrics
 from prism_lightning.modules.student import DistillationStudent, LoraSettings, as_dataclass, with_schedule
+from prism_lightning.progress import announce
 
 
 class PrismModule(DistillationStudent):
@@ -34,19 +35,25 @@ class PrismModule(DistillationStudent):
         warmup_ratio: share of steps with linear warmup.
         placement: persona placement the corpus used (linked from ``data.placement``), recorded in the export.
         predict_decoding: decoding for ``prism predict``.
+        divergence_limit: stop training when the gradient norm or a trainable weight's magnitude exceeds this.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
                  temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
                  gate_lr: float = 1e-3, gate_dims: Sequence[int] = (128, 64), gate_weight: float = 1.0,
                  threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
-                 placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig()) -> None:
-        super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio)
+                 placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig(),
+                 divergence_limit: float = 1e4) -> None:
+        super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
+                         divergence_limit)
         self.save_hyperparameters()
         self.placement = placement
         self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)
         self.gate: Optional[IntentGate] = None
-        self.val_gate = gate_metrics("val/gate_", threshold)
+        # At 0.5 (``val/gate_acc``) and at the deployed threshold (``val/gate_acc_deployed``), which calibration
+        # sets after each validation pass.
+        self.val_gate = gate_metrics("val/gate_")
+        self.val_gate_deployed = deployed_gate_metrics("val/gate_")
         # Raw gate logits of the current validation pass, for calibration and routing callbacks.
         self.val_gate_outputs: list[dict] = []
 
@@ -56,6 +63,21 @@ class PrismModule(DistillationStudent):
         if self.gate is None:
             self.gate = IntentGate(self.backbone.model.config.hidden_size, self.hparams.gate_dims,
                                    threshold=self.hparams.threshold)
+
+    def on_fit_start(self) -> None:
+        """Announce the training stage with what it trains on."""
+        data = self.trainer.datamodule
+        n_train, n_val = (len(data.train_items), len(data.val_items)) if data is not None else (0, 0)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        announce("training", f"gate + LoRA on {n_train} items ({n_val} held out), {self.trainer.max_epochs} epochs, "
+                             f"{trainable:,} trainable parameters")
+
+    def on_train_epoch_end(self) -> None:
+        """One plain line per epoch (Slurm logs and CI have no progress bar)."""
+        shown = ("train/kl", "train/gate_loss", "val/kl", "val/gate_auroc", "val/gate_balanced_acc")
+        metrics = self.trainer.callback_metrics
+        values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in shown if k in metrics)
+        announce("epoch", f"{self.current_epoch} of {self.trainer.max_epochs} done: {values}")
 
     def shared_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Student forward with the layer-0 hook: distillation losses, gate features."""
@@ -81,15 +103,27 @@ class PrismModule(DistillationStudent):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out losses and gate metrics."""
         out, features = self.shared_step(batch)
+        self.check_validation(out, batch_idx)
         self.val_gate_outputs.append({"ids": batch["ids"], "logits": self.gate.mlp(features).detach().cpu(),
                                       "labels": batch["label"].detach().cpu()})
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
         self.val_gate.update(self.gate.probability(features), batch["label"].long())
 
     def on_validation_epoch_end(self) -> None:
-        """Log and reset held-out gate metrics."""
+        """Log and reset held-out gate metrics: at 0.5, and at the threshold the export will deploy.
+
+        Lightning runs callbacks' epoch-end hooks first, so GateCalibration has already stored this pass's threshold
+        and temperature; the deployed decisions are taken here from the pass's raw logits with those. That
+        threshold was chosen on this same split, so ``*_deployed`` is optimistic by the choice.
+        """
         self.log_dict(self.val_gate.compute())
         self.val_gate.reset()
+        if self.val_gate_outputs:
+            logits = torch.cat([o["logits"] for o in self.val_gate_outputs]).to(self.device)
+            labels = torch.cat([o["labels"] for o in self.val_gate_outputs]).to(self.device).long()
+            self.val_gate_deployed.update(self.gate.routed(logits), labels)
+            self.log_dict(self.val_gate_deployed.compute())
+            self.val_gate_deployed.reset()
 
     def configure_optimizers(self) -> dict:
         """AdamW with separate learning rates for LoRA and gate."""

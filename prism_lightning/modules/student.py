@@ -9,7 +9,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone
+from prism_lightning.backbone import Backbone, BackboneConfig, check_base_model, load_backbone
+from prism_lightning.divergence import check_gradients, check_metric, check_weights
 from prism_lightning.errors import PrismError
 from prism_lightning.losses import kl_divergence, response_logits
 
@@ -84,11 +85,12 @@ class DistillationStudent(L.LightningModule):
         lr: AdamW learning rate of the LoRA parameters.
         weight_decay: AdamW weight decay.
         warmup_ratio: share of steps with linear warmup.
+        divergence_limit: stop training when the gradient norm or a trainable weight's magnitude exceeds this.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
                  temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
-                 weight_decay: float = 0.01, warmup_ratio: float = 0.1) -> None:
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.1, divergence_limit: float = 1e4) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone_config = as_dataclass(BackboneConfig, backbone)
@@ -152,6 +154,22 @@ class DistillationStudent(L.LightningModule):
             raise PrismError(f"non-finite loss ({loss.item()}) at global step {self.global_step}, batch {batch_idx} "
                              f"(items {', '.join(batch['ids'][:4])}); lower the learning rate or check the data")
 
+    def check_validation(self, out: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Stop ``validate`` (and fit) when a held-out loss is non-finite: a diverged adapter never passes silently."""
+        for name, value in out.items():
+            check_metric(f"val/{name}", float(value), f"validation batch {batch_idx}")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop when the gradients explode (fp16's GradScaler handles its own overflows)."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            check_gradients([p for p in self.parameters() if p.requires_grad], self.global_step,
+                            self.hparams.divergence_limit)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop when a trainable weight becomes non-finite or explodes, before it can be checkpointed."""
+        check_weights(((n, p) for n, p in self.named_parameters() if p.requires_grad), self.global_step,
+                      self.hparams.divergence_limit)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One distillation step."""
         out = self.distill_loss(batch, self.student_logits(batch))
@@ -162,6 +180,7 @@ class DistillationStudent(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out KL."""
         out = self.distill_loss(batch, self.student_logits(batch))
+        self.check_validation(out, batch_idx)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -198,13 +217,3 @@ def trainable_state_keys(module: torch.nn.Module) -> set[str]:
     keys = {name for name, p in module.named_parameters() if p.requires_grad}
     keys |= {name for name, _ in module.named_buffers() if ".base_model." not in f".{name}"}
     return keys
-
-
-def check_base_model(recorded: Optional[dict], backbone: Backbone, what: str) -> None:
-    """Raise when ``recorded`` names different base weights than the loaded backbone."""
-    if recorded is None:
-        raise PrismError(f"{what} records no base model; it was not made by prism_lightning")
-    if recorded.get("fingerprint") != backbone.fingerprint:
-        raise PrismError(f"{what} was made for base model {recorded.get('name_or_path')} (fingerprint "
-                         f"{recorded.get('fingerprint')}), but the loaded base is {backbone.config.name_or_path} "
-                         f"(fingerprint {backbone.fingerprint})")

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from prism_lightning.chat import ChatFormatter
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.rows import Row
@@ -47,10 +48,13 @@ class DiscriminativeAccuracyCheck(Callback):
         self.registry = PersonaRegistry.from_config(PersonaConfig())
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """Load the MMLU subset once (a bad source fails before training starts)."""
+        """Load the MMLU subset once (a bad source, or a model whose letters cannot be read, fails before training)."""
         if not self.rows:
             questions, _ = mmlu.load_mmlu(self.source)
             self.rows = mmlu.stratified_sample(questions, self.n, self.seed)
+        backbone = getattr(pl_module, "backbone", None)
+        if backbone is not None:
+            mmlu.letter_reader(ChatFormatter(backbone.tokenizer))
 
     @torch.no_grad()
     def check(self, trainer: Any, pl_module: Any, log: bool = True) -> dict:

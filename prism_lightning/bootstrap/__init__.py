@@ -1,0 +1,1 @@
+"""PRISM stages 1-3: queries, dual answers, self-verification (the bootstrapped corpus)."""

@@ -1,0 +1,50 @@
+"""The plain-words gate verdict: AUROC interval, probability spread, calibration clamp."""
+
+from __future__ import annotations
+
+import torch
+
+from prism_lightning.calibration import fit_temperature
+from prism_lightning.gate_verdict import auroc_interval, gate_verdict
+
+
+def test_auroc_interval_matches_hanley_mcneil_by_hand():
+    probs = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.7, 0.9])
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    auroc, low, high = auroc_interval(probs, labels)
+    # Pairs (pos, neg): 0.35 beats 0.1 only; 0.8 beats all three; 0.9 beats all three -> 7 of 9.
+    assert abs(auroc - 7 / 9) < 1e-6
+    a = auroc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = ((a * (1 - a) + 2 * (q1 - a * a) + 2 * (q2 - a * a)) / 9) ** 0.5
+    assert abs(low - max(0.0, a - 1.96 * se)) < 1e-9 and abs(high - min(1.0, a + 1.96 * se)) < 1e-9
+
+
+def test_a_separating_gate_is_called_informative():
+    logits = torch.cat([torch.linspace(-4, -1, 30), torch.linspace(1, 4, 30)])
+    labels = torch.cat([torch.zeros(30), torch.ones(30)])
+    verdict = gate_verdict(logits, labels)
+    assert verdict.informative and verdict.low > 0.5
+    assert "better than chance" in verdict.text and "no better" not in verdict.text
+
+
+def test_the_quickstart_gate_is_called_chance_and_says_what_to_change():
+    """What issue #8 measured: AUROC 0.33, every probability within 1e-4, temperature at its clamp."""
+    generator = torch.Generator().manual_seed(0)
+    logits = -0.0131 + 1e-4 * torch.randn(12, generator=generator)
+    labels = torch.tensor([1, 0] * 6)
+    temperature = fit_temperature(logits, labels)
+    verdict = gate_verdict(logits, labels, temperature)
+    assert not verdict.informative
+    assert "no better than chance" in verdict.text and "data.judge.model" in verdict.text
+    assert "within" in verdict.text  # probabilities that differ in the 4th decimal are named as such
+
+
+def test_temperature_fit_works_under_inference_mode():
+    """`prism validate` runs callbacks under inference mode; the fit must still find T (it crashed before)."""
+    logits = torch.tensor([4.0, -4.0, 3.0, -3.0, 2.0, -2.5])
+    labels = torch.tensor([1, 0, 0, 1, 1, 0])
+    expected = fit_temperature(logits, labels)
+    with torch.inference_mode():
+        inside = fit_temperature(torch.tensor([4.0, -4.0, 3.0, -3.0, 2.0, -2.5]), torch.tensor([1, 0, 0, 1, 1, 0]))
+    assert inside == expected and inside > 1.0  # overconfident logits get softened
