@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -201,8 +201,11 @@ class BootstrapDataModule(L.LightningDataModule):
                                            self.teacher_text)
         self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
         if stage == "test":
-            self.benchmark = BenchmarkRun(self.benchmark_config, PersonaRegistry.from_config(self.persona_config),
-                                          self.val_items, self.corpus.manifest.get("judge", {}), self.placement)
+            # Expert-prompting rows are a baseline: they prompt with every built-in domain's persona (at the run's
+            # granularity) whether or not this run distilled it, so no category silently falls back to no persona.
+            experts = PersonaRegistry.from_config(replace(self.persona_config, names=["all"]))
+            self.benchmark = BenchmarkRun(self.benchmark_config, experts, self.val_items,
+                                          self.corpus.manifest.get("judge", {}), self.placement)
         split = {"train": [i["id"] for i in self.train_items], "val": [i["id"] for i in self.val_items]}
         if self.trainer is not None and self.trainer.is_global_zero:
             (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))

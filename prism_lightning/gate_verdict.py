@@ -8,11 +8,17 @@ from dataclasses import dataclass
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from prism_lightning.bootstrap.protocols import wilson_interval
+
 TEMPERATURE_CLAMP = (0.05, 20.0)  # fit_temperature's bounds: a fit that lands on one found no usable scale
 
 
 def auroc_interval(probs: torch.Tensor, labels: torch.Tensor, z: float = 1.96) -> tuple[float, float, float]:
-    """AUROC and its 95 % interval (Hanley & McNeil 1982 standard error), clipped to [0, 1]."""
+    """AUROC and a 95 % interval: the wider of Hanley & McNeil's (1982) and a Wilson interval on the smaller class.
+
+    Hanley-McNeil's standard error collapses to 0 at AUROC 0 or 1 and at tiny n (one item per class gives
+    [1, 1]); the Wilson interval with n = min(n_pos, n_neg) keeps a small held-out split honestly wide.
+    """
     labels = labels.long()
     n1, n0 = int(labels.sum()), int((1 - labels).sum())
     if n1 == 0 or n0 == 0:
@@ -20,7 +26,9 @@ def auroc_interval(probs: torch.Tensor, labels: torch.Tensor, z: float = 1.96) -
     a = float(binary_auroc(probs.float(), labels))
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     se = math.sqrt(max(a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a), 0.0) / (n1 * n0))
-    return a, max(0.0, a - z * se), min(1.0, a + z * se)
+    n = min(n1, n0)
+    w_low, w_high = wilson_interval(round(a * n), n, z)
+    return a, max(0.0, min(a - z * se, w_low)), min(1.0, max(a + z * se, w_high))
 
 
 @dataclass(frozen=True)

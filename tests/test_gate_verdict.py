@@ -8,16 +8,28 @@ from prism_lightning.calibration import fit_temperature
 from prism_lightning.gate_verdict import auroc_interval, gate_verdict
 
 
-def test_auroc_interval_matches_hanley_mcneil_by_hand():
-    probs = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.7, 0.9])
-    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+def test_auroc_interval_is_the_wider_of_hanley_mcneil_and_wilson():
+    """Checked against both formulas by hand on 90 items per class."""
+    from prism_lightning.bootstrap.protocols import wilson_interval
+
+    probs = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.7, 0.9] * 30)
+    labels = torch.tensor([0, 0, 1, 1, 0, 1] * 30)
     auroc, low, high = auroc_interval(probs, labels)
-    # Pairs (pos, neg): 0.35 beats 0.1 only; 0.8 beats all three; 0.9 beats all three -> 7 of 9.
+    # Pairs (pos, neg): 0.35 beats 0.1 only; 0.8 and 0.9 beat all three -> 7 of 9 (no pos/neg ties).
     assert abs(auroc - 7 / 9) < 1e-6
     a = auroc
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    se = ((a * (1 - a) + 2 * (q1 - a * a) + 2 * (q2 - a * a)) / 9) ** 0.5
-    assert abs(low - max(0.0, a - 1.96 * se)) < 1e-9 and abs(high - min(1.0, a + 1.96 * se)) < 1e-9
+    se = ((a * (1 - a) + 89 * (q1 - a * a) + 89 * (q2 - a * a)) / 90 ** 2) ** 0.5
+    w_low, w_high = wilson_interval(70, 90)
+    assert abs(low - min(a - 1.96 * se, w_low)) < 1e-9 and abs(high - max(a + 1.96 * se, w_high)) < 1e-9
+    assert low < a < high
+
+
+def test_one_item_per_class_is_not_certainty():
+    """Hanley-McNeil alone gives [1, 1] for a perfect split of two items; the interval must include chance."""
+    auroc, low, high = auroc_interval(torch.tensor([0.2, 0.8]), torch.tensor([0, 1]))
+    assert auroc == 1.0 and low < 0.5 and high == 1.0
+    assert not gate_verdict(torch.tensor([-1.0, 1.0]), torch.tensor([0, 1])).informative
 
 
 def test_a_separating_gate_is_called_informative():

@@ -1,7 +1,7 @@
 """Every `prism` command of the README's command table, run as written through the real CLI on the embedded model.
 
 The commands are read from README.md itself, so a command added there is covered here. ``C`` is
-configs/quickstart.yaml (its callbacks included) plus a small overlay (2 personas x 3 queries, short
+configs/quickstart.yaml (its callbacks included) plus a small overlay (2 personas x 5 queries, short
 generations, a tiny benchmark) so that the whole table runs in minutes on 2 cores.
 """
 
@@ -52,9 +52,9 @@ def write_fixtures(tmp: Path) -> dict[str, str]:
         "trainer": {"default_root_dir": str(tmp / "run"), "enable_progress_bar": False},
         "data": {
             "personas": {"names": ["math", "writing"], "granularity": "half"},
-            "queries": {"per_persona": 3, "decoding": {"temperature": 0.9, "max_new_tokens": 40, "seed": 1,
-                                                       "batch_size": 8}},
-            "answers": {"decoding": {"temperature": 0.7, "max_new_tokens": 32, "seed": 2, "batch_size": 8}},
+            "queries": {"per_persona": 5, "decoding": {"temperature": 0.9, "max_new_tokens": 32, "seed": 1,
+                                                       "batch_size": 16}},
+            "answers": {"decoding": {"temperature": 0.7, "max_new_tokens": 24, "seed": 2, "batch_size": 16}},
             "judge": {"control_pairs": 4, "batch_size": 8, "max_answer_tokens": 48},
             "max_length": 192,
             "benchmark": {"mmlu_n": 8, "mt_bench": str(mt_bench), "harmbench": str(harmbench), "preference_n": 2,
