@@ -17,12 +17,15 @@ from rich.console import Console
 from rich.table import Table
 
 from prism_lightning.bootstrap.corpus import check_both_classes
+from prism_lightning.bootstrap.sharding import Shard
 from prism_lightning.data import BootstrapDataModule
 from prism_lightning.errors import PrismError
 from prism_lightning.modules.prism import PrismModule
 from prism_lightning.gate_verdict import gate_verdict
+from prism_lightning.launch import process_group
 from prism_lightning.notices import quiet_third_party_notices
 from prism_lightning.progress import announce
+from prism_lightning.strategies import check_strategy, stop_other_ranks  # importing registers the strategies
 from prism_lightning.summary import print_corpus_lines, print_corpus_summary
 
 
@@ -31,10 +34,16 @@ class PrismTrainer(L.Trainer):
 
     def bootstrap(self, model: Optional[L.LightningModule] = None,
                   datamodule: Optional[BootstrapDataModule] = None) -> None:
-        """Run PRISM stages 1–3 (queries, dual answers, self-verification) and print the corpus summary."""
-        corpus = datamodule.build_corpus(self.default_root_dir)
-        print_corpus_summary(corpus)
-        check_both_classes(corpus, datamodule.judge_config)
+        """Run PRISM stages 1–3 (queries, dual answers, self-verification) and print the corpus summary.
+
+        Under torchrun or srun every process joins one process group and takes its share of each stage; rank 0
+        merges the shards and prints the summary.
+        """
+        with process_group():
+            corpus = datamodule.build_corpus(self.default_root_dir)
+            if Shard.current().rank == 0:
+                print_corpus_summary(corpus)
+            check_both_classes(corpus, datamodule.judge_config)
 
     def export(self, model: Optional[L.LightningModule] = None, datamodule: Optional[BootstrapDataModule] = None,
                ckpt_path: str = "last", export_dir: Optional[str] = None) -> None:
@@ -128,6 +137,7 @@ class PrismCLI(LightningCLI):
         """
         from lightning.pytorch.callbacks import ModelCheckpoint
 
+        check_strategy({**self._get(self.config_init, "trainer", default={}), **kwargs}.get("strategy", "auto"))
         trainer = super().instantiate_trainer(**kwargs)
         try:
             Path(trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
@@ -218,6 +228,10 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work is kept (stage files, last.ckpt) — rerun the same command to "
+              "resume", file=sys.stderr)
+        sys.exit(130)
     except SIGTERMException:
         # Lightning stops at the next batch boundary and raises SystemExit(None): exit 0, as if the run had
         # finished. A scheduler must see that it did not.

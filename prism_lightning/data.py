@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
 from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
+from prism_lightning.bootstrap.sharding import Shard
 from prism_lightning.chat import ChatFormatter, Placement
 from prism_lightning.checks import check_data
 from prism_lightning.errors import PrismError
@@ -175,26 +176,25 @@ class BootstrapDataModule(L.LightningDataModule):
         return Path(root) / "corpus"
 
     def build_corpus(self, root: Optional[str] = None) -> Corpus:
-        """Run or resume stages 1–3 (only the stages whose inputs changed do any work)."""
+        """Run or resume stages 1–3 (only the stages whose inputs changed do any work); every rank calls it."""
         builder = CorpusBuilder(self.backbone_config, self.persona_config, self.query_config, self.answer_config,
                                 self.judge_config, self.placement, self.resolve_corpus_dir(root))
         self.corpus = builder.build()
         return self.corpus
 
-    def prepare_data(self) -> None:
-        """Build or reuse the corpus on disk for a fit (rank 0 only, as Lightning calls it).
-
-        validate/test/predict only read a run: they use the corpus as it is and never rebuild it.
-        """
-        fitting = self.trainer is None or self.trainer.state.fn == "fit"
-        if self.bootstrap and fitting:
-            announce("bootstrap", f"stages 1-3 into {self.resolve_corpus_dir()} (finished stages are reused)")
-            self.build_corpus()
-
     def setup(self, stage: str) -> None:
-        """Load the corpus, check both classes exist, and make the stratified split."""
+        """Build or reuse the corpus (fit only), load it, check both classes exist, and make the stratified split.
+
+        The bootstrap runs here, on every rank, rather than in ``prepare_data`` (one rank while the others wait):
+        under DDP / DeepSpeed the ranks share its stages (``bootstrap.sharding``) and all return once the merged
+        corpus is on disk. validate/test/predict only read a run: they use the corpus as it is, never rebuild it.
+        """
         if stage == "predict":
             return
+        if stage == "fit" and self.bootstrap:
+            if Shard.current().rank == 0:
+                announce("bootstrap", f"stages 1-3 into {self.resolve_corpus_dir()} (finished stages are reused)")
+            self.build_corpus()
         self.corpus = load_corpus(self.resolve_corpus_dir())
         check_both_classes(self.corpus, self.judge_config)
         self.teacher_texts = teacher_texts(self.corpus, PersonaRegistry.from_config(self.persona_config),

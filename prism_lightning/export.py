@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,14 @@ REQUIRED = (CONFIG_FILE, GATE_FILE, f"{ADAPTER_DIR}/adapter_config.json", f"{ADA
 
 
 def export_artifact(module: Any, directory: Path) -> Path:
-    """Save a trained PrismModule so that ``GatedModel.from_pretrained(directory)`` needs no Lightning."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Save a trained PrismModule so that ``GatedModel.from_pretrained(directory)`` needs no Lightning.
+
+    Written into a staging directory that replaces ``directory`` only when complete, so a failed export never
+    leaves an older artifact's files mixed with newer ones.
+    """
+    final, directory = Path(directory), Path(directory).parent / f".{Path(directory).name}.tmp{os.getpid()}"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
     module.model.save_pretrained(directory / ADAPTER_DIR)
     gate = module.gate
     save_file({k: v.detach().cpu().contiguous() for k, v in gate.mlp.state_dict().items()}, directory / GATE_FILE)
@@ -39,7 +47,12 @@ def export_artifact(module: Any, directory: Path) -> Path:
                  "threshold": float(gate.threshold), "temperature": float(gate.temperature)},
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    old = final.parent / f".{final.name}.old{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    directory.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def check_export(directory: Path) -> dict:

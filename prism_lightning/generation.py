@@ -10,8 +10,8 @@ import torch
 from transformers import GenerationConfig
 
 from prism_lightning.backbone import Backbone
+from prism_lightning.bootstrap.sharding import finish_stage, stage_progress, todo_batches
 from prism_lightning.jsonl import JsonlSink
-from prism_lightning.progress import progress
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,16 @@ def generate_batch(backbone: Backbone, prompts: Sequence[Sequence[int]], decodin
     eos = stop_token_ids(backbone)
     config = decoding.generation_config(tokenizer, eos)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, backbone.device)
-    if seed is not None:
-        torch.manual_seed(seed)
     saved = core.generation_config
     core.generation_config = config  # nothing from the model's generation_config.json can leak in
+    # The batch's seed applies inside a forked random state: a bootstrap run in the same process as training
+    # must leave training's random stream (LoRA dropout) exactly as if it had not run.
+    devices = [backbone.device] if backbone.device.type == "cuda" else []
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **generate_kwargs)
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **generate_kwargs)
     finally:
         core.generation_config = saved
     results = []
@@ -129,15 +133,16 @@ def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingC
     """Generate for every item (``{"id", "prompt_ids", ...}``) not yet in ``sink``, appending each batch atomically.
 
     Items are sorted by prompt length so batches waste little padding; ``make_record(item, result)``
-    turns a generation into the stored record.
+    turns a generation into the stored record. The batches are planned over all items, finished or not, so a
+    resumed or sharded run (a ``ShardedSink``: this rank's batches only) generates exactly the batches, and with
+    their seeds the texts, of one uninterrupted process.
     """
-    pending = sorted((i for i in items if i["id"] not in sink), key=lambda i: len(i["prompt_ids"]))
-    if not pending:
-        return
-    with progress(len(pending), description) as advance:
-        for start in range(0, len(pending), decoding.batch_size):
-            batch = pending[start:start + decoding.batch_size]
-            seed = decoding.seed + zlib.crc32(batch[0]["id"].encode())
-            results = generate_batch(backbone, [i["prompt_ids"] for i in batch], decoding, seed=seed)
-            sink.append([make_record(item, result) for item, result in zip(batch, results)])
-            advance(len(batch))
+    batches = todo_batches(items, decoding.batch_size, sink)
+    if batches:
+        with stage_progress(sum(map(len, batches)), description, sink) as advance:
+            for batch in batches:
+                seed = decoding.seed + zlib.crc32(batch[0]["id"].encode())
+                results = generate_batch(backbone, [i["prompt_ids"] for i in batch], decoding, seed=seed)
+                sink.append([make_record(item, result) for item, result in zip(batch, results)])
+                advance(len(batch))
+    finish_stage(items, decoding.batch_size, sink)  # every rank, even one with nothing to do: it is a collective

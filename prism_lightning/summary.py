@@ -37,7 +37,8 @@ def print_corpus_summary(corpus: Corpus, console: Console | None = None) -> None
                   f"{c['distill'] / total:.0%}" if total else "–", end_section=True)
     console.print(table)
     print_judge_lines(corpus, console)
-    console.print(f"stage seconds: {m['seconds']}  manifest: {corpus.directory / 'manifest.json'}")
+    ranks = f"  ranks: {m['world_size']}" if any(w > 1 for w in m.get("world_size", {}).values()) else ""
+    console.print(f"stage seconds: {m['seconds']}{ranks}  manifest: {corpus.directory / 'manifest.json'}")
 
 
 def print_judge_lines(corpus: Corpus, console: Console) -> None:

@@ -15,6 +15,7 @@ from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryCon
 from prism_lightning.bootstrap.judge import Judge, verdict_sequences
 from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
 from prism_lightning.bootstrap.queries import run_queries
+from prism_lightning.bootstrap.sharding import Shard, ShardedSink
 from prism_lightning.chat import ChatFormatter, Placement, template_fingerprint
 from prism_lightning.errors import PrismError
 from prism_lightning.jsonl import JsonlSink, read_jsonl, read_jsonl_numbered, read_text, write_json, write_jsonl
@@ -114,7 +115,12 @@ class CorpusBuilder:
         return {"queries": h_queries, "answers": h_answers, "judge": h_judge}
 
     def build(self) -> Corpus:
-        """Run (or resume) all stages, then write ``corpus.jsonl`` and ``manifest.json``."""
+        """Run (or resume) all stages, then write ``corpus.jsonl`` and ``manifest.json``.
+
+        Under torch.distributed every rank calls this: each runs its share of every stage into its own shard
+        file (see ``sharding``), rank 0 merges them and writes the corpus, and all ranks return the same corpus.
+        """
+        shard = Shard.current()
         backbone = load_backbone(self.backbone_config)
         judge_backbone = load_backbone(self.judge.model) if self.judge.model else backbone
         Judge(judge_backbone, self.judge)  # a judge that cannot read verdicts fails now, not after stages 1-2
@@ -124,8 +130,9 @@ class CorpusBuilder:
 
         start = time.perf_counter()
         queries = run_queries(backbone, self.registry, self.queries,
-                              JsonlSink(stages / f"queries-{hashes['queries']}.jsonl"))
-        write_jsonl(self.directory / "queries.jsonl", queries)
+                              ShardedSink(stages / f"queries-{hashes['queries']}.jsonl", shard))
+        if shard.rank == 0:
+            write_jsonl(self.directory / "queries.jsonl", queries)
         timings["queries"] = time.perf_counter() - start
         if not queries:
             raise PrismError(f"{self.directory}: stage 1 kept no queries; loosen data.queries.min_chars/"
@@ -134,34 +141,44 @@ class CorpusBuilder:
         start = time.perf_counter()
         formatter = ChatFormatter(backbone.tokenizer, self.placement)
         answers = run_answers(backbone, formatter, self.registry, queries, self.answers,
-                              JsonlSink(stages / f"answers-{hashes['answers']}.jsonl"))
+                              ShardedSink(stages / f"answers-{hashes['answers']}.jsonl", shard))
         timings["answers"] = time.perf_counter() - start
 
         start = time.perf_counter()
         candidates = {q["id"]: answer_personas(q, self.registry, self.answers) for q in queries}
         controls = control_pairs(queries, self.judge.control_pairs)
         scores = self._judge(judge_backbone, queries, candidates, answers, controls,
-                             JsonlSink(stages / f"judge-{hashes['judge']}.jsonl"))
+                             ShardedSink(stages / f"judge-{hashes['judge']}.jsonl", shard))
         items, stats = label_queries(queries, candidates, answers, scores, self.judge)
         stats.update(control_accuracy(controls, scores, self.judge))
         timings["judge"] = time.perf_counter() - start
 
-        write_jsonl(self.directory / "corpus.jsonl", items)
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
-        manifest["seconds"] = self._stage_seconds(hashes, manifest["seconds"])
-        write_json(self.directory / "manifest.json", manifest)
+        manifest["seconds"], manifest["world_size"] = self._reused_stage_facts(hashes, manifest["seconds"],
+                                                                              shard.world)
+        if shard.rank == 0:
+            write_jsonl(self.directory / "corpus.jsonl", items)
+            write_json(self.directory / "manifest.json", manifest)
+        manifest = shard.gather(manifest)[0]  # rank 0's, as written; also waits until the files are in place
         return Corpus(self.directory, items, manifest)
 
-    def _stage_seconds(self, hashes: dict, measured: dict) -> dict:
-        """Keep the recorded timings of stages that were reused: a rerun found them done, it did not redo them."""
+    def _reused_stage_facts(self, hashes: dict, measured: dict, world: int) -> tuple[dict, dict]:
+        """Seconds and world size per stage, kept as recorded for stages that a rerun found done (not redone).
+
+        So a rerun that regenerates nothing, with any number of ranks, writes the same manifest (left untouched).
+        """
         path = self.directory / "manifest.json"
         try:
             previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return measured
+            previous = {}
         old_hashes, old_seconds = previous.get("stages", {}), previous.get("seconds", {})
-        return {k: old_seconds[k] if old_hashes.get(k) == hashes.get(k) and k in old_seconds else v
-                for k, v in measured.items()}
+        old_worlds = previous.get("world_size", {})
+        reused = {k for k in hashes if old_hashes.get(k) == hashes[k]}
+        seconds = {k: old_seconds[k] if k in reused and k in old_seconds else v for k, v in measured.items()}
+        # A manifest written before sharding existed records no world size: its stages ran in one process.
+        worlds = {k: old_worlds.get(k, 1) if k in reused else world for k in hashes}
+        return seconds, worlds
 
     def _judge(self, judge_backbone: Backbone, queries: list[dict], candidates: dict[str, list[str]],
                answers: dict[str, dict[str, str]], controls: list[tuple[dict, dict]], sink: JsonlSink) -> dict:

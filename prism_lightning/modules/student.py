@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -109,6 +110,15 @@ class DistillationStudent(L.LightningModule):
             self.model = attach_lora(self.backbone, self.lora)
             self.model.train()  # the backbone was loaded in eval mode; LoRA dropout must be live in training
 
+    def setup(self, stage: str) -> None:
+        """Build the model here, before Lightning calls ``configure_model`` inside DeepSpeed's ``zero.Init``.
+
+        Under ZeRO-3 that context partitions each parameter as it is created, so PEFT's initialisation (LoRA B = 0)
+        and the backbone's loaded weights would land on empty placeholders; built here, DeepSpeed partitions the
+        finished weights when it wraps the module.
+        """
+        self.configure_model()
+
     def student_logits(self, batch: dict) -> torch.Tensor:
         """Full-sequence logits of base + LoRA on the persona-free inputs."""
         return self.model(input_ids=batch["student_ids"], attention_mask=batch["student_mask"],
@@ -199,10 +209,18 @@ class DistillationStudent(L.LightningModule):
         keep = trainable_state_keys(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["prism_base_model"] = self.backbone.reference
+        # Random state at the save, so a resumed run draws the same LoRA-dropout masks as an uninterrupted one.
+        checkpoint["prism_rng"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint made for another base model."""
+        """Refuse a checkpoint made for another base model; restore the random state saved with it."""
         check_base_model(checkpoint.get("prism_base_model"), self.backbone, "checkpoint")
+        rng = checkpoint.get("prism_rng")
+        trainer = self._trainer  # None when `prism export` loads a checkpoint outside any loop
+        if rng and trainer is not None and trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            version, _, gauss = random.getstate()
+            random.setstate((version, tuple(rng["python"]), gauss))
 
 
 def with_schedule(optimizer: torch.optim.Optimizer, total_steps: float, warmup_ratio: float) -> dict:

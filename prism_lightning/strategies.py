@@ -1,0 +1,171 @@
+"""Distributed strategies by name: Lightning's own, with every DeepSpeed name mapped to one class that also runs on CPU.
+
+Lightning 2.6's ``DeepSpeedStrategy`` refuses any accelerator but CUDA, although DeepSpeed 0.19 trains ZeRO-1/2/3 on
+its CPU accelerator over gloo. ``PrismDeepSpeedStrategy`` is Lightning's class unchanged on GPUs; on CPU processes it
+relaxes exactly the three CUDA assumptions (accelerator check, device-index validation, ``device_rank``). It replaces
+Lightning's entries in the strategy registry (same names, same init arguments) when this module is imported, which
+``prism_lightning.cli`` does before any Trainer is built, so ``--trainer.strategy deepspeed_stage_2`` and
+``configs/strategy/*.yaml`` mean the same thing on a laptop, in CI and on a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators.cuda import CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+
+from prism_lightning.errors import PrismError
+
+DEEPSPEED_INSTALL = "PRISM_EXTRAS=deepspeed scripts/install.sh  (or: pip install 'deepspeed>=0.19,<0.20')"
+
+
+def deepspeed_available() -> bool:
+    """Whether ``import deepspeed`` can work (checked without importing it: the import takes seconds)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+class PrismDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy, also on CPU processes (gloo); checkpoints never hold the frozen base.
+
+    On CUDA every method is Lightning's. On CPU: no CUDA-only accelerator check, no device-index validation (CPU
+    devices have no index), and DeepSpeed gets the local rank as ``device_rank`` instead of ``None``.
+    ``exclude_frozen_parameters`` defaults to true: a checkpoint keeps the trainable weights (LoRA, gate) and the
+    optimizer state, never a copy of the frozen base model.
+    """
+
+    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
+        if not deepspeed_available():
+            raise PrismError(f"trainer.strategy: DeepSpeed is not installed; install it with {DEEPSPEED_INSTALL}")
+        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+
+    @property
+    def on_cuda(self) -> bool:
+        """True when Lightning's own (CUDA-only) code paths apply unchanged."""
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        """Lightning's on CUDA; on CPU the DDP environment setup without the CUDA-only check."""
+        if self.on_cuda:
+            return super().setup_environment()
+        check_cpu_deepspeed()
+        DDPStrategy.setup_environment(self)
+
+    def setup_distributed(self) -> None:
+        """Lightning's on CUDA; on CPU the same steps without validating device indices (CPU devices have none)."""
+        if self.on_cuda:
+            return super().setup_distributed()
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """``deepspeed.initialize`` for training, with a CPU ``device_rank``."""
+        with self._cpu_device_rank():
+            return super()._setup_model_and_optimizer(*args, **kwargs)
+
+    def _initialize_deepspeed_inference(self, model: Any) -> None:
+        """``deepspeed.initialize`` for validate/test/predict, with a CPU ``device_rank``."""
+        with self._cpu_device_rank():
+            super()._initialize_deepspeed_inference(model)
+
+    @contextmanager
+    def _cpu_device_rank(self) -> Iterator[None]:
+        """On CPU, hand ``deepspeed.initialize`` the local rank where Lightning passes ``root_device.index`` (None).
+
+        DeepSpeed compares ``device_rank >= 0``; Lightning builds the argument inline, so the call is intercepted
+        for its duration rather than copying Lightning's two methods.
+        """
+        if self.on_cuda:
+            yield
+            return
+        import deepspeed
+
+        original = deepspeed.initialize
+
+        def initialize(*args: Any, **kwargs: Any) -> Any:
+            if isinstance(kwargs.get("args"), argparse.Namespace) and kwargs["args"].device_rank is None:
+                kwargs["args"] = argparse.Namespace(device_rank=self.local_rank)
+            return original(*args, **kwargs)
+
+        deepspeed.initialize = initialize
+        try:
+            yield
+        finally:
+            deepspeed.initialize = original
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Lightning's sharded save, written beside the target and swapped in, so a kill never tears ``last.ckpt``.
+
+        Every rank writes its shard into ``<name>.partial``; after a barrier rank 0 moves the finished directory into
+        place (the previous one survives until then).
+        """
+        target = Path(self.broadcast(str(filepath)))
+        partial = target.with_name(target.name + ".partial")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)  # left by a run killed while writing
+        self.barrier("prism_ckpt_clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("prism_ckpt_written")
+        if self.is_global_zero:
+            old = target.with_name(target.name + ".old")
+            if target.exists():
+                target.rename(old)
+            partial.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("prism_ckpt_moved")
+
+
+def check_cpu_deepspeed() -> None:
+    """DeepSpeed picks its accelerator at import; CPU processes need its CPU accelerator (DS_ACCELERATOR=cpu)."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name != "cpu":
+        raise PrismError(f"trainer.accelerator cpu with DeepSpeed, but DeepSpeed chose its {name} accelerator on this "
+                         f"machine; start the command with DS_ACCELERATOR=cpu, or use trainer.accelerator gpu")
+
+
+def register_strategies() -> None:
+    """Point every name Lightning registered for DeepSpeedStrategy at PrismDeepSpeedStrategy (same init args)."""
+    for name, entry in list(StrategyRegistry.items()):
+        if entry["strategy"] is DeepSpeedStrategy:
+            StrategyRegistry.register(name, PrismDeepSpeedStrategy, description=entry["description"], override=True,
+                                      **entry["init_params"])
+
+
+def valid_strategy_names() -> list[str]:
+    """Every name ``--trainer.strategy`` accepts."""
+    return ["auto", *sorted(StrategyRegistry.available_strategies())]
+
+
+def check_strategy(strategy: Any) -> None:
+    """One line for a strategy name that does not exist, or a DeepSpeed name without DeepSpeed installed."""
+    if not isinstance(strategy, str):
+        return  # a Strategy instance (class_path in YAML) is the user's own choice
+    name = strategy.lower()
+    if name != "auto" and name not in StrategyRegistry:
+        raise PrismError(f"trainer.strategy: unknown strategy {strategy!r}; valid names: "
+                         f"{', '.join(valid_strategy_names())}")
+    if "deepspeed" in name and not deepspeed_available():
+        raise PrismError(f"trainer.strategy {strategy}: DeepSpeed is not installed; install it with {DEEPSPEED_INSTALL}")
+
+
+def stop_other_ranks(trainer: Any) -> None:
+    """Kill the processes this one launched (Lightning's subprocess launcher), so a failed rank 0 leaves no waiter."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher) and getattr(launcher, "procs", None):
+        import signal
+
+        launcher.kill(signal.SIGKILL)
+
+
+register_strategies()
