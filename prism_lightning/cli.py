@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
@@ -25,8 +24,10 @@ from prism_lightning.gate_verdict import gate_verdict
 from prism_lightning.launch import process_group
 from prism_lightning.notices import quiet_third_party_notices
 from prism_lightning.progress import announce
-from prism_lightning.strategies import check_strategy, stop_other_ranks  # importing registers the strategies
+from prism_lightning.strategies import check_command, check_strategy, stop_other_ranks  # importing registers them
 from prism_lightning.summary import print_corpus_lines, print_corpus_summary
+from prism_lightning.zero_checkpoint import checkpoint_for_run, is_deepspeed_checkpoint, load_zero_checkpoint, \
+    read_client_state
 
 
 class PrismTrainer(L.Trainer):
@@ -63,13 +64,18 @@ class PrismTrainer(L.Trainer):
 
 
 def load_checkpoint(path: Path) -> dict:
-    """``torch.load`` with ``weights_only=True``; our config dataclasses are the only extra types allowed."""
+    """``torch.load`` with ``weights_only=True``; our config dataclasses are the only extra types allowed.
+
+    A DeepSpeed checkpoint directory comes back in the same form, its sharded weights joined.
+    """
     import torch
 
     from prism_lightning.backbone import BackboneConfig
     from prism_lightning.generation import DecodingConfig
     from prism_lightning.modules.student import LoraSettings
 
+    if is_deepspeed_checkpoint(path):
+        return load_zero_checkpoint(path)
     try:
         with torch.serialization.safe_globals([BackboneConfig, LoraSettings, DecodingConfig]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -91,14 +97,14 @@ def resolve_checkpoint(root: str, ckpt_path: str) -> Path:
         if not candidates:
             raise PrismError(f"no {ckpt_path} checkpoint under {directory}; run `prism fit` first")
         return candidates[-1] if ckpt_path == "last" else _best_checkpoint(candidates[-1])
-    if not Path(ckpt_path).is_file():
+    if not Path(ckpt_path).exists():  # a file, or a directory under DeepSpeed
         raise PrismError(f"ckpt_path: checkpoint not found: {ckpt_path}")
     return Path(ckpt_path)
 
 
 def _best_checkpoint(newest: Path) -> Path:
     """The ``best_model_path`` that a metric-monitoring ModelCheckpoint recorded in ``newest``; else one clear line."""
-    states = load_checkpoint(newest).get("callbacks", {})
+    states = checkpoint_state(newest).get("callbacks", {})
     # ModelCheckpoint state (any subclass): monitor, best_model_path, best_model_score, ...
     best = {s["monitor"]: s.get("best_model_path") for s in states.values()
             if isinstance(s, dict) and "best_model_path" in s and s.get("monitor")}
@@ -110,10 +116,15 @@ def _best_checkpoint(newest: Path) -> Path:
                          f"checkpoint; pass the file")
     monitor, path = next(iter(best.items()))
     # A run directory moved since training keeps its file names: look beside the newest checkpoint too.
-    found = next((p for p in (Path(path), newest.parent / Path(path).name) if path and p.is_file()), None)
+    found = next((p for p in (Path(path), newest.parent / Path(path).name) if path and p.exists()), None)
     if found is None:
         raise PrismError(f"ckpt_path best: the best checkpoint by {monitor} ({path or 'none recorded'}) is missing")
     return found
+
+
+def checkpoint_state(path: Path) -> dict:
+    """A checkpoint's Lightning state (epoch, callbacks, …); a DeepSpeed directory's weights are not joined for it."""
+    return read_client_state(path) if is_deepspeed_checkpoint(path) else load_checkpoint(path)
 
 
 class PrismCLI(LightningCLI):
@@ -148,6 +159,8 @@ class PrismCLI(LightningCLI):
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
         PrismCLI.current = self
+        from prism_lightning import slurm  # under Slurm: allocation check; a requeued fit resumes and requeues
+        slurm.preflight(trainer, self.subcommand, self.config_init.get(str(self.subcommand)))
         return trainer
 
     def resolve_ckpt_path(self) -> None:
@@ -155,8 +168,8 @@ class PrismCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path"):
             path = resolve_checkpoint(self.trainer.default_root_dir, config["ckpt_path"])
-            load_checkpoint(path)  # a corrupt file fails here, in one line
-            config["ckpt_path"] = str(path)
+            state = checkpoint_state(path)  # a corrupt or incomplete one fails here, in one line
+            config["ckpt_path"] = str(checkpoint_for_run(path, state, self.trainer, self.subcommand))
 
     def before_fit(self) -> None:
         """Resolve the checkpoint to resume from."""
@@ -168,6 +181,7 @@ class PrismCLI(LightningCLI):
 
     def before_test(self) -> None:
         """Resolve the checkpoint to benchmark."""
+        check_command(self.trainer, "test")
         self.resolve_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -177,6 +191,7 @@ class PrismCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """Resolve the checkpoint; write predictions to JSONL unless the user configured a writer."""
+        check_command(self.trainer, "predict")
         self.resolve_ckpt_path()
         from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -186,12 +201,17 @@ class PrismCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
 
     def after_fit(self) -> None:
-        """Export the trained adapter and gate, and say in plain words what the run shows."""
+        """Export the trained adapter and gate, and say in plain words what the run shows.
+
+        Every rank takes part (under ZeRO-3 the weights are gathered from all of them); rank 0 writes and reports.
+        """
+        out_dir = Path(self.trainer.default_root_dir) / "export"
+        if self.trainer.is_global_zero:
+            announce("export", str(out_dir))
+        out = self.model.export(out_dir, write=self.trainer.is_global_zero)
+        held = self.model.held_out_gate()  # the last validation pass, over every rank's share
         if not self.trainer.is_global_zero:
             return
-        out_dir = Path(self.trainer.default_root_dir) / "export"
-        announce("export", str(out_dir))
-        out = self.model.export(out_dir)
         shown = ("val/", "disc/", "calibration/", "routing/")
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(shown)}
         table = Table(title="held-out validation (last epoch)")
@@ -204,11 +224,8 @@ class PrismCLI(LightningCLI):
         corpus = self.datamodule.corpus
         if corpus is not None:
             print_corpus_lines(corpus, console)
-        outputs = getattr(self.model, "val_gate_outputs", [])
-        if outputs:
-            logits = torch.cat([o["logits"] for o in outputs])
-            labels = torch.cat([o["labels"] for o in outputs])
-            console.print(gate_verdict(logits, labels, float(self.model.gate.temperature)).text)
+        if len(held["labels"]):
+            console.print(gate_verdict(held["logits"], held["labels"], float(self.model.gate.temperature)).text)
         console.print(f"export: {out}  (load with prism_lightning.GatedModel.from_pretrained)")
 
 
@@ -239,6 +256,7 @@ def main(args: Optional[list[str]] = None) -> None:
               "with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
     except (PrismError, FileNotFoundError) as exc:
+        stop_other_ranks(getattr(PrismCLI.current, "trainer", None))  # ranks this one launched would wait forever
         discard_empty_log_dir(PrismCLI.current)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
@@ -39,28 +40,40 @@ def stratified_split(items: list[dict], val_fraction: float, seed: int) -> tuple
     return train, val
 
 
-class BalancedSampler(Sampler[int]):
-    """Draws indices with replacement so both gate classes are equally likely (minority resampling).
+class BalancedSampler(DistributedSampler):
+    """Draws indices with replacement so both gate classes are equally likely (minority resampling); one share per rank.
 
-    Seeded per epoch (Lightning calls ``set_epoch``), so a resumed run draws the same batches as an
-    uninterrupted one.
+    Each epoch draws one global sample of ``ceil(n / world) * world`` indices from a generator seeded with the seed and
+    the epoch, identical on every rank, and rank r takes every ``world``-th index from position r. So the ranks train on
+    different draws, every rank re-draws each epoch (Lightning calls ``set_epoch`` on every rank), a resumed run draws
+    what an uninterrupted one would, and one process draws exactly what it always did. It is a
+    ``DistributedSampler``, so Lightning uses it as it is: a wrapper would reshuffle the draw and never hand
+    ``set_epoch`` down to it.
     """
 
-    def __init__(self, labels: list[int], seed: int) -> None:
+    def __init__(self, labels: list[int], seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ would ask torch.distributed for the world, which may not exist yet: given here.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"BalancedSampler: rank {rank} outside 0..{num_replicas - 1}")
         counts = {lab: labels.count(lab) for lab in set(labels)}
         self.weights = torch.tensor([1.0 / counts[lab] for lab in labels], dtype=torch.double)
         self.seed, self.epoch = seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = math.ceil(len(labels) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.shuffle, self.drop_last = True, False  # what readers of a DistributedSampler look at
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the draw for this epoch."""
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.weights)
+        return self.num_samples
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.multinomial(self.weights, len(self.weights), True, generator=generator).tolist())
+        draw = torch.multinomial(self.weights, self.total_size, True, generator=generator).tolist()
+        return iter(draw[self.rank::self.num_replicas])
 
 
 @dataclass
@@ -215,15 +228,30 @@ class BootstrapDataModule(L.LightningDataModule):
         tokenizer = load_backbone(self.backbone_config).tokenizer
         return Collator(ChatFormatter(tokenizer, self.placement), self.teacher_texts, self.max_length)
 
+    def replicas(self) -> tuple[int, int]:
+        """(world size, this process's rank) of the run these loaders feed; (1, 0) outside a Trainer."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
-        """Training batches; the minority gate class is resampled so both classes are seen equally."""
-        sampler = BalancedSampler([i["label"] for i in self.train_items], self.seed) if self.balance else None
-        return DataLoader(self.train_items, batch_size=self.batch_size, sampler=sampler, shuffle=sampler is None,
-                          collate_fn=self.collator())
+        """Training batches, this rank's share; the minority gate class is resampled so both classes are seen equally.
+
+        Both samplers are distributed samplers of our own, so Lightning never wraps or replaces them
+        (``use_distributed_sampler`` makes no difference) and every rank runs the same number of batches.
+        """
+        world, rank = self.replicas()
+        if self.balance:
+            sampler = BalancedSampler([i["label"] for i in self.train_items], self.seed, world, rank)
+        else:
+            sampler = DistributedSampler(self.train_items, world, rank, shuffle=True, seed=self.seed)
+        return DataLoader(self.train_items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator())
 
     def val_dataloader(self) -> DataLoader:
-        """Held-out batches, in corpus order."""
-        return DataLoader(self.val_items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator())
+        """Held-out batches, in corpus order: rank r gets items r, r + W, …, the last round padded with repeats so
+        every rank runs as many batches (the model gathers the shares and drops the repeats)."""
+        world, rank = self.replicas()
+        sampler = DistributedSampler(self.val_items, world, rank, shuffle=False)
+        return DataLoader(self.val_items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator())
 
     def predict_dataloader(self) -> DataLoader:
         """Prompts from ``predict_file`` (one JSON object with a ``prompt`` per line)."""

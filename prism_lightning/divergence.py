@@ -20,7 +20,11 @@ def gradient_norm(parameters: Iterable[torch.nn.Parameter]) -> float:
 
 def check_gradients(parameters: Iterable[torch.nn.Parameter], step: int, limit: float) -> float:
     """The gradient norm; raise naming the step when it is non-finite or above ``limit``."""
-    norm = gradient_norm(parameters)
+    return check_gradient_norm(gradient_norm(parameters), step, limit)
+
+
+def check_gradient_norm(norm: float, step: int, limit: float) -> float:
+    """``norm``; raise naming the step when it is non-finite or above ``limit``."""
     if not math.isfinite(norm) or norm > limit:
         raise PrismError(f"training diverged at global step {step}: gradient norm {norm:.3g} (limit "
                          f"model.init_args.divergence_limit={limit:g}); {ADVICE}")

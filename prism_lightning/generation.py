@@ -10,7 +10,7 @@ import torch
 from transformers import GenerationConfig
 
 from prism_lightning.backbone import Backbone
-from prism_lightning.bootstrap.sharding import finish_stage, stage_progress, todo_batches
+from prism_lightning.bootstrap.sharding import run_stage, stage_progress, todo_batches
 from prism_lightning.jsonl import JsonlSink
 
 
@@ -138,11 +138,15 @@ def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingC
     their seeds the texts, of one uninterrupted process.
     """
     batches = todo_batches(items, decoding.batch_size, sink)
-    if batches:
+
+    def work() -> None:
+        if not batches:
+            return
         with stage_progress(sum(map(len, batches)), description, sink) as advance:
             for batch in batches:
                 seed = decoding.seed + zlib.crc32(batch[0]["id"].encode())
                 results = generate_batch(backbone, [i["prompt_ids"] for i in batch], decoding, seed=seed)
                 sink.append([make_record(item, result) for item, result in zip(batch, results)])
                 advance(len(batch))
-    finish_stage(items, decoding.batch_size, sink)  # every rank, even one with nothing to do: it is a collective
+
+    run_stage(work, items, decoding.batch_size, sink)

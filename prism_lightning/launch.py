@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from prism_lightning.errors import PrismError
+
 # Ranks wait at a stage's end for the slowest one; generous, so a long batch on a big model is not a timeout.
 TIMEOUT = timedelta(hours=1)
 
@@ -57,6 +59,9 @@ def process_group() -> Iterator[Optional[Launch]]:
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "gloo"
     if torch.cuda.is_available():
+        if launch.local_rank >= torch.cuda.device_count():
+            raise PrismError(f"rank {launch.rank} has LOCAL_RANK {launch.local_rank}, but this node shows "
+                             f"{torch.cuda.device_count()} GPU(s): start one process per GPU")
         torch.cuda.set_device(launch.local_rank)  # "cuda" (backbone.device auto) then means this rank's GPU
         backend = "nccl"
     dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world,

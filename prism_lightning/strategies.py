@@ -1,8 +1,9 @@
 """Distributed strategies by name: Lightning's own, with every DeepSpeed name mapped to one class that also runs on CPU.
 
 Lightning 2.6's ``DeepSpeedStrategy`` refuses any accelerator but CUDA, although DeepSpeed 0.19 trains ZeRO-1/2/3 on
-its CPU accelerator over gloo. ``PrismDeepSpeedStrategy`` is Lightning's class unchanged on GPUs; on CPU processes it
-relaxes exactly the three CUDA assumptions (accelerator check, device-index validation, ``device_rank``). It replaces
+its CPU accelerator over gloo. ``PrismDeepSpeedStrategy`` runs Lightning's code paths on GPUs; on CPU processes it
+relaxes exactly the three CUDA assumptions (accelerator check, device-index validation, ``device_rank``). On both it
+keeps checkpoints to the trainable weights and writes them so that a kill never tears ``last.ckpt``. It replaces
 Lightning's entries in the strategy registry (same names, same init arguments) when this module is imported, which
 ``prism_lightning.cli`` does before any Trainer is built, so ``--trainer.strategy deepspeed_stage_2`` and
 ``configs/strategy/*.yaml`` mean the same thing on a laptop, in CI and on a cluster.
@@ -34,10 +35,10 @@ def deepspeed_available() -> bool:
 class PrismDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy, also on CPU processes (gloo); checkpoints never hold the frozen base.
 
-    On CUDA every method is Lightning's. On CPU: no CUDA-only accelerator check, no device-index validation (CPU
+    On CUDA the setup is Lightning's. On CPU: no CUDA-only accelerator check, no device-index validation (CPU
     devices have no index), and DeepSpeed gets the local rank as ``device_rank`` instead of ``None``.
-    ``exclude_frozen_parameters`` defaults to true: a checkpoint keeps the trainable weights (LoRA, gate) and the
-    optimizer state, never a copy of the frozen base model.
+    ``exclude_frozen_parameters`` defaults to true (tied names of frozen weights included): a checkpoint keeps the
+    trainable weights (LoRA, gate) and the optimizer state, never a copy of the frozen base model.
     """
 
     def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any) -> None:
@@ -111,7 +112,8 @@ class PrismDeepSpeedStrategy(DeepSpeedStrategy):
         if self.is_global_zero and partial.exists():
             shutil.rmtree(partial)  # left by a run killed while writing
         self.barrier("prism_ckpt_clean")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        with self._without_frozen_aliases():
+            super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("prism_ckpt_written")
         if self.is_global_zero:
             old = target.with_name(target.name + ".old")
@@ -120,6 +122,32 @@ class PrismDeepSpeedStrategy(DeepSpeedStrategy):
             partial.rename(target)
             shutil.rmtree(old, ignore_errors=True)
         self.barrier("prism_ckpt_moved")
+
+    @contextmanager
+    def _without_frozen_aliases(self) -> Iterator[None]:
+        """Make ``exclude_frozen_parameters`` also drop tied names of frozen weights.
+
+        DeepSpeed removes frozen parameters by ``named_parameters()``, which lists a tied weight once: the tied
+        output embedding (``lm_head.weight`` = ``embed_tokens.weight``, as in SmolLM2) stayed in every checkpoint.
+        """
+        engine = self.deepspeed_engine
+        if not self.exclude_frozen_parameters or engine is None:
+            yield
+            return
+        original = engine.module_state_dict
+
+        def module_state_dict(*args: Any, **kwargs: Any) -> Any:
+            state = original(*args, **kwargs)
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(name, None)
+            return state
+
+        engine.module_state_dict = module_state_dict
+        try:
+            yield
+        finally:
+            del engine.module_state_dict  # the class's method again
 
 
 def check_cpu_deepspeed() -> None:
@@ -154,7 +182,8 @@ def check_strategy(strategy: Any) -> None:
         raise PrismError(f"trainer.strategy: unknown strategy {strategy!r}; valid names: "
                          f"{', '.join(valid_strategy_names())}")
     if "deepspeed" in name and not deepspeed_available():
-        raise PrismError(f"trainer.strategy {strategy}: DeepSpeed is not installed; install it with {DEEPSPEED_INSTALL}")
+        raise PrismError(f"trainer.strategy {strategy}: DeepSpeed is not installed; install it with "
+                         f"{DEEPSPEED_INSTALL}")
 
 
 def stop_other_ranks(trainer: Any) -> None:
@@ -169,3 +198,25 @@ def stop_other_ranks(trainer: Any) -> None:
 
 
 register_strategies()
+
+
+def check_command(trainer: Any, command: str) -> None:
+    """One line for a command that cannot run on this trainer's processes, before any work (never a hang)."""
+    if trainer.world_size <= 1:
+        return
+    single = "--trainer.devices 1 --trainer.num_nodes 1 --trainer.strategy auto (a DeepSpeed checkpoint is read too)"
+    if command == "test":
+        raise PrismError(f"prism test runs the benchmark in one process, not {trainer.world_size}; run it with "
+                         f"{single}")
+    strategy = trainer.strategy
+    if command == "predict" and isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        raise PrismError("prism predict cannot run under ZeRO-3 on several processes: each rank generates texts of "
+                         f"other lengths, and every ZeRO-3 forward needs all ranks; run it with {single}")
+
+
+def offloads_optimizer(strategy: Any) -> bool:
+    """Whether a DeepSpeed strategy keeps the optimizer state in CPU (or NVMe) memory (ZeRO-Offload)."""
+    if not isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy.config, dict):
+        return False
+    offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)

@@ -47,8 +47,8 @@ def test_gate_calibration_callback_stores_temperature_and_threshold(tmp_path):
     logits, labels = miscalibrated(n=400)
     gate = IntentGate(hidden_size=8)
     logged = {}
-    module = SimpleNamespace(gate=gate, val_gate_outputs=[{"ids": [], "logits": logits, "labels": labels}],
-                             log_dict=logged.update)
+    held = {"ids": [str(n) for n in range(len(labels))], "logits": logits, "labels": labels}
+    module = SimpleNamespace(gate=gate, held_out_gate=lambda: held, log_dict=logged.update)
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, is_global_zero=True,
                               default_root_dir=str(tmp_path), state=SimpleNamespace(fn="fit"))
     callback = GateCalibration()

@@ -358,9 +358,9 @@ def test_intent_gate_logs_accuracy_at_half_and_at_the_deployed_threshold():
 def test_prism_module_deployed_metrics_use_the_threshold_calibration_just_stored(tiny_prism, monkeypatch):
     """Callbacks' epoch-end hooks run first: the module reads the threshold and temperature GateCalibration set."""
     module = tiny_prism()
-    module.val_gate.update(torch.sigmoid(GATE_LOGITS), GATE_LABELS)
-    module.val_gate_outputs = [{"ids": [], "logits": GATE_LOGITS[:5], "labels": GATE_LABELS[:5]},
-                               {"ids": [], "logits": GATE_LOGITS[5:], "labels": GATE_LABELS[5:]}]
+    ids = [f"i{n}" for n in range(len(GATE_LOGITS))]
+    module.val_gate_outputs = [{"ids": ids[:5], "logits": GATE_LOGITS[:5], "labels": GATE_LABELS[:5]},
+                               {"ids": ids[5:], "logits": GATE_LOGITS[5:], "labels": GATE_LABELS[5:]}]
     module.gate.temperature.fill_(2.0)                      # as GateCalibration leaves them
     module.gate.threshold.fill_(0.7)
     logged = {}

@@ -131,8 +131,7 @@ class CorpusBuilder:
         start = time.perf_counter()
         queries = run_queries(backbone, self.registry, self.queries,
                               ShardedSink(stages / f"queries-{hashes['queries']}.jsonl", shard))
-        if shard.rank == 0:
-            write_jsonl(self.directory / "queries.jsonl", queries)
+        shard.together(lambda: write_jsonl(self.directory / "queries.jsonl", queries) if shard.rank == 0 else None)
         timings["queries"] = time.perf_counter() - start
         if not queries:
             raise PrismError(f"{self.directory}: stage 1 kept no queries; loosen data.queries.min_chars/"
@@ -156,10 +155,14 @@ class CorpusBuilder:
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
         manifest["seconds"], manifest["world_size"] = self._reused_stage_facts(hashes, manifest["seconds"],
                                                                               shard.world)
-        if shard.rank == 0:
-            write_jsonl(self.directory / "corpus.jsonl", items)
-            write_json(self.directory / "manifest.json", manifest)
-        manifest = shard.gather(manifest)[0]  # rank 0's, as written; also waits until the files are in place
+
+        def write() -> None:
+            if shard.rank == 0:
+                write_jsonl(self.directory / "corpus.jsonl", items)
+                write_json(self.directory / "manifest.json", manifest)
+
+        shard.together(write)  # every rank returns once the corpus is on disk
+        manifest = shard.gather(manifest)[0]  # rank 0's, as written (the others measured their own seconds)
         return Corpus(self.directory, items, manifest)
 
     def _reused_stage_facts(self, hashes: dict, measured: dict, world: int) -> tuple[dict, dict]:

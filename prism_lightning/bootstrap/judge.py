@@ -8,7 +8,7 @@ import torch
 
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.bootstrap.sharding import finish_stage, stage_progress, todo_batches
+from prism_lightning.bootstrap.sharding import run_stage, stage_progress, todo_batches
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.choices import ChoiceReader, require_direct_answer
 from prism_lightning.generation import token_logprobs
@@ -62,12 +62,16 @@ class Judge:
         # Batches planned over all items (this rank's share of them under a ShardedSink), as in generate_into:
         # the same batches, hence the same padding and log-probs, whatever the number of ranks or restarts.
         batches = todo_batches(items, self.config.batch_size, sink)
-        if batches:
+
+        def work() -> None:
+            if not batches:
+                return
             with stage_progress(sum(map(len, batches)), description, sink) as advance:
                 for batch in batches:
                     sink.append(score(batch))
                     advance(len(batch))
-        finish_stage(items, self.config.batch_size, sink)  # every rank: it is a collective
+
+        run_stage(work, items, self.config.batch_size, sink)
 
     def score_pairs(self, pairs: list[dict], sink: JsonlSink, description: str) -> None:
         """Judge each ``{"id", "question", "candidate", "baseline"}`` in both orders; store A/B/TIE log-probs."""

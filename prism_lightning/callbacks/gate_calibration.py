@@ -43,12 +43,11 @@ class GateCalibration(Callback):
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Calibrate on this pass's held-out gate logits (fit), or report the stored calibration (validate)."""
-        outputs = getattr(pl_module, "val_gate_outputs", [])
-        if trainer.sanity_checking or not outputs:
+        if trainer.sanity_checking:
             return
-        logits = torch.cat([o["logits"] for o in outputs])
-        labels = torch.cat([o["labels"] for o in outputs])
-        if labels.min() == labels.max():
+        held = pl_module.held_out_gate()  # the whole split, from every rank (each rank calibrates identically)
+        logits, labels = held["logits"], held["labels"]
+        if not len(labels) or labels.min() == labels.max():
             return  # one class only: nothing to calibrate against
         gate = pl_module.gate
         fitting = trainer.state.fn == "fit"
@@ -65,10 +64,11 @@ class GateCalibration(Callback):
             gate.temperature.fill_(temperature)
             gate.threshold.fill_(threshold)
         verdict = gate_verdict(logits, labels, temperature)
-        announce("calibration", f"epoch {trainer.current_epoch}: T={temperature:.2f}, threshold {threshold:.4f}, "
-                                f"ECE {before:.3f} -> {after:.3f}, AUROC {verdict.auroc:.2f} "
-                                f"(95% CI {verdict.low:.2f}-{verdict.high:.2f})"
-                                + ("" if verdict.informative else ": gate no better than chance"))
+        if trainer.is_global_zero:
+            announce("calibration", f"epoch {trainer.current_epoch}: T={temperature:.2f}, threshold "
+                                    f"{threshold:.4f}, ECE {before:.3f} -> {after:.3f}, AUROC {verdict.auroc:.2f} "
+                                    f"(95% CI {verdict.low:.2f}-{verdict.high:.2f})"
+                                    + ("" if verdict.informative else ": gate no better than chance"))
         self.last = {"epoch": trainer.current_epoch, "ece_before": before, "ece_after": after,
                      "temperature": temperature, "threshold": threshold, "n": len(labels),
                      "routing_rate": float((probs >= threshold).float().mean()), "auroc": verdict.auroc,

@@ -15,22 +15,23 @@ class RoutingReport(Callback):
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Routing rates of this validation pass, grouped by the persona that wrote each query."""
-        outputs = getattr(pl_module, "val_gate_outputs", [])
         corpus = getattr(trainer.datamodule, "corpus", None)
-        if trainer.sanity_checking or not outputs or corpus is None:
+        if trainer.sanity_checking or corpus is None:
+            return
+        held = pl_module.held_out_gate()  # the whole split, from every rank
+        if not held["ids"]:
             return
         by_id = {item["id"]: item for item in corpus.items}
         threshold = float(pl_module.gate.threshold)
         temperature = float(pl_module.gate.temperature)
         groups: dict[str, list[float]] = {}
-        for out in outputs:
-            routed = (torch.sigmoid(out["logits"] / temperature) >= threshold).float().tolist()
-            for item_id, r in zip(out["ids"], routed):
-                persona = by_id[item_id]["persona"]
-                groups.setdefault(persona, []).append(r)
-                category = (corpus.manifest.get("categories") or {}).get(persona)
-                if category:
-                    groups.setdefault(f"category/{category}", []).append(r)
+        routed = (torch.sigmoid(held["logits"] / temperature) >= threshold).float().tolist()
+        for item_id, r in zip(held["ids"], routed):
+            persona = by_id[item_id]["persona"]
+            groups.setdefault(persona, []).append(r)
+            category = (corpus.manifest.get("categories") or {}).get(persona)
+            if category:
+                groups.setdefault(f"category/{category}", []).append(r)
         rates = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
         pl_module.log_dict({f"routing/{k}": v for k, v in rates.items()})
         if trainer.is_global_zero:

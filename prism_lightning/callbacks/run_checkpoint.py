@@ -14,7 +14,8 @@ class RunCheckpoint(ModelCheckpoint):
     i.e. never with ``save_top_k: 0``; then a kill loses every epoch. Here ``last.ckpt`` is written at each
     train epoch's end (after validation and calibration, so their results are in it) whatever ``save_top_k``
     is. Writes go through Lightning's atomic save (temporary file, then move), so a kill during a write leaves
-    the previous checkpoint intact. ``dirpath`` left unset means ``<trainer.default_root_dir>/checkpoints``
+    the previous checkpoint intact; under DeepSpeed ``last.ckpt`` is a directory of per-rank shards, likewise
+    written beside it and then moved into place (``prism_lightning.strategies.PrismDeepSpeedStrategy``). ``dirpath`` left unset means ``<trainer.default_root_dir>/checkpoints``
     (set by the ``prism`` CLI). Every ModelCheckpoint argument is accepted; ``every_n_train_steps`` adds
     step-level saves.
     """

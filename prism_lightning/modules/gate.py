@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -16,8 +16,8 @@ from prism_lightning.gate_mlp import GateMLP
 class BalancedAccuracy(MulticlassAccuracy):
     """Mean of per-class recall for a binary gate, fed with probabilities."""
 
-    def __init__(self, threshold: float = 0.5) -> None:
-        super().__init__(num_classes=2, average="macro")
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(num_classes=2, average="macro", **kwargs)
         self.threshold = threshold
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
@@ -25,19 +25,24 @@ class BalancedAccuracy(MulticlassAccuracy):
         super().update((probs >= self.threshold).long(), target.long())
 
 
-def gate_metrics(prefix: str, threshold: float = 0.5) -> MetricCollection:
-    """Accuracy, balanced accuracy and AUROC of gate probabilities (at 0.5 unless told: the uncalibrated view)."""
-    return MetricCollection({"acc": BinaryAccuracy(threshold=threshold), "balanced_acc": BalancedAccuracy(threshold),
-                             "auroc": BinaryAUROC()}, prefix=prefix)
+def gate_metrics(prefix: str, threshold: float = 0.5, sync: bool = True) -> MetricCollection:
+    """Accuracy, balanced accuracy and AUROC of gate probabilities (at 0.5 unless told: the uncalibrated view).
+
+    ``sync=False`` when every rank is fed the whole, already gathered split (syncing would count it once per rank).
+    """
+    return MetricCollection({"acc": BinaryAccuracy(threshold=threshold, sync_on_compute=sync),
+                             "balanced_acc": BalancedAccuracy(threshold, sync_on_compute=sync),
+                             "auroc": BinaryAUROC(sync_on_compute=sync)}, prefix=prefix)
 
 
-def deployed_gate_metrics(prefix: str) -> MetricCollection:
+def deployed_gate_metrics(prefix: str, sync: bool = True) -> MetricCollection:
     """Accuracy and balanced accuracy of routing decisions at the deployed threshold, logged as ``<name>_deployed``.
 
     Fed with 0/1 decisions rather than probabilities: calibration moves the threshold buffer after these metric
     objects exist, so the threshold is applied when the decisions are taken.
     """
-    return MetricCollection({"acc": BinaryAccuracy(), "balanced_acc": BalancedAccuracy()}, prefix=prefix,
+    return MetricCollection({"acc": BinaryAccuracy(sync_on_compute=sync),
+                             "balanced_acc": BalancedAccuracy(sync_on_compute=sync)}, prefix=prefix,
                             postfix="_deployed")
 
 

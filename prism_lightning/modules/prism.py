@@ -8,10 +8,11 @@ from typing import Optional, Sequence
 import torch
 
 from prism_lightning.backbone import BackboneConfig
+from prism_lightning.distributed import all_gather_objects, gathered
 from prism_lightning.generation import DecodingConfig
 from prism_lightning.features import capture_layer0, gather_positions
 from prism_lightning.modules.gate import IntentGate, deployed_gate_metrics, gate_metrics
-from prism_lightning.modules.student import DistillationStudent, LoraSettings, as_dataclass, with_schedule
+from prism_lightning.modules.student import DistillationStudent, LoraSettings, adamw, as_dataclass, with_schedule
 from prism_lightning.progress import announce
 
 
@@ -52,10 +53,12 @@ class PrismModule(DistillationStudent):
         self.gate: Optional[IntentGate] = None
         # At 0.5 (``val/gate_acc``) and at the deployed threshold (``val/gate_acc_deployed``), which calibration
         # sets after each validation pass.
-        self.val_gate = gate_metrics("val/gate_")
-        self.val_gate_deployed = deployed_gate_metrics("val/gate_")
-        # Raw gate logits of the current validation pass, for calibration and routing callbacks.
+        # Fed at the pass's end with the whole split gathered from every rank, so no per-rank sync of their own.
+        self.val_gate = gate_metrics("val/gate_", sync=False)
+        self.val_gate_deployed = deployed_gate_metrics("val/gate_", sync=False)
+        # Raw gate logits of this rank's share of the current validation pass; ``held_out_gate()`` gathers them.
         self.val_gate_outputs: list[dict] = []
+        self._held_out: Optional[dict] = None
 
     def configure_model(self) -> None:
         """Attach LoRA and build the gate for this backbone's hidden size."""
@@ -68,16 +71,18 @@ class PrismModule(DistillationStudent):
         """Announce the training stage with what it trains on."""
         data = self.trainer.datamodule
         n_train, n_val = (len(data.train_items), len(data.val_items)) if data is not None else (0, 0)
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        announce("training", f"gate + LoRA on {n_train} items ({n_val} held out), {self.trainer.max_epochs} epochs, "
-                             f"{trainable:,} trainable parameters")
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)  # ZeRO-3
+        if self.trainer.is_global_zero:  # one line per run, not per rank
+            announce("training", f"gate + LoRA on {n_train} items ({n_val} held out), {self.trainer.max_epochs} "
+                                 f"epochs, {trainable:,} trainable parameters")
 
     def on_train_epoch_end(self) -> None:
         """One plain line per epoch (Slurm logs and CI have no progress bar)."""
         shown = ("train/kl", "train/gate_loss", "val/kl", "val/gate_auroc", "val/gate_balanced_acc")
         metrics = self.trainer.callback_metrics
         values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in shown if k in metrics)
-        announce("epoch", f"{self.current_epoch} of {self.trainer.max_epochs} done: {values}")
+        if self.trainer.is_global_zero:
+            announce("epoch", f"{self.current_epoch} of {self.trainer.max_epochs} done: {values}")
 
     def shared_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Student forward with the layer-0 hook: distillation losses, gate features."""
@@ -99,6 +104,7 @@ class PrismModule(DistillationStudent):
     def on_validation_epoch_start(self) -> None:
         """Start collecting this pass's gate outputs."""
         self.val_gate_outputs = []
+        self._held_out = None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out losses and gate metrics."""
@@ -106,30 +112,42 @@ class PrismModule(DistillationStudent):
         self.check_validation(out, batch_idx)
         self.val_gate_outputs.append({"ids": batch["ids"], "logits": self.gate.mlp(features).detach().cpu(),
                                       "labels": batch["label"].detach().cpu()})
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
-        self.val_gate.update(self.gate.probability(features), batch["label"].long())
+        # Averaged over ranks; a rank's share may repeat an item or two so that all ranks run equally many batches.
+        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]), sync_dist=True)
+
+    def held_out_gate(self) -> dict:
+        """This pass's raw gate logits and labels over the whole validation split, gathered from every rank.
+
+        A collective the first time in a pass (every rank must call it; callbacks and ``on_validation_epoch_end``
+        do), cached afterwards. Each item appears once, in split order, whatever the number of ranks.
+        """
+        if self._held_out is None:
+            self._held_out = merge_rank_outputs(all_gather_objects(self.val_gate_outputs))
+        return self._held_out
 
     def on_validation_epoch_end(self) -> None:
         """Log and reset held-out gate metrics: at 0.5, and at the threshold the export will deploy.
 
         Lightning runs callbacks' epoch-end hooks first, so GateCalibration has already stored this pass's threshold
         and temperature; the deployed decisions are taken here from the pass's raw logits with those. That
-        threshold was chosen on this same split, so ``*_deployed`` is optimistic by the choice.
+        threshold was chosen on this same split, so ``*_deployed`` is optimistic by the choice. Both are computed
+        from the whole split gathered from every rank (the metrics at 0.5 do not depend on the temperature).
         """
-        self.log_dict(self.val_gate.compute())
-        self.val_gate.reset()
-        if self.val_gate_outputs:
-            logits = torch.cat([o["logits"] for o in self.val_gate_outputs]).to(self.device)
-            labels = torch.cat([o["labels"] for o in self.val_gate_outputs]).to(self.device).long()
-            self.val_gate_deployed.update(self.gate.routed(logits), labels)
-            self.log_dict(self.val_gate_deployed.compute())
-            self.val_gate_deployed.reset()
+        held = self.held_out_gate()
+        if not len(held["labels"]):
+            return
+        logits, labels = held["logits"].to(self.device), held["labels"].to(self.device).long()
+        for metrics, values in ((self.val_gate, torch.sigmoid(logits)), (self.val_gate_deployed,
+                                                                         self.gate.routed(logits))):
+            metrics.update(values, labels)
+            self.log_dict(metrics.compute(), sync_dist=True)  # already equal on every rank; the mean keeps them so
+            metrics.reset()
 
     def configure_optimizers(self) -> dict:
         """AdamW with separate learning rates for LoRA and gate."""
         groups = [{"params": self.trainable_parameters(), "lr": self.hparams.lr},
                   {"params": list(self.gate.parameters()), "lr": self.hparams.gate_lr}]
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        optimizer = adamw(groups, self.hparams.lr, self.hparams.weight_decay, self._trainer)
         return with_schedule(optimizer, self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio)
 
     def gated(self):
@@ -156,8 +174,34 @@ class PrismModule(DistillationStudent):
         for name, row in metrics["rows"].items():
             self.log(f"test/overall/{name}", row["overall"], batch_size=1)
 
-    def export(self, directory: Path) -> Path:
-        """Write the deployable artifact (adapter, gate, routing JSON) to ``directory``."""
+    def export(self, directory: Path, write: bool = True) -> Path:
+        """Write the deployable artifact (adapter, gate, routing JSON) to ``directory``.
+
+        Under ZeRO-3 the trainable weights are sharded: every rank must call this (the gather is a collective) and
+        exactly one passes ``write=True``.
+        """
         from prism_lightning.export import export_artifact
 
-        return export_artifact(self, Path(directory))
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        with gathered(trainable):
+            return export_artifact(self, Path(directory)) if write else Path(directory)
+
+
+def merge_rank_outputs(per_rank: list[list[dict]]) -> dict:
+    """One ``{"ids", "logits", "labels"}`` over the split from each rank's batches, each item once, in split order.
+
+    A distributed sampler without shuffling gives rank r the items r, r + W, r + 2W, … and pads the last round
+    with repeats; interleaving the ranks' rows restores the order, and the repeats are dropped by id.
+    """
+    rows = [[(i, logit, label) for o in outputs for i, logit, label in zip(o["ids"], o["logits"], o["labels"])]
+            for outputs in per_rank]
+    merged: dict[str, tuple] = {}
+    for k in range(max((len(r) for r in rows), default=0)):
+        for rank_rows in rows:
+            if k < len(rank_rows) and rank_rows[k][0] not in merged:
+                merged[rank_rows[k][0]] = rank_rows[k]
+    ids = list(merged)
+    if not ids:
+        return {"ids": [], "logits": torch.zeros(0), "labels": torch.zeros(0)}
+    return {"ids": ids, "logits": torch.stack([merged[i][1] for i in ids]),
+            "labels": torch.stack([merged[i][2] for i in ids])}

@@ -11,9 +11,11 @@ import lightning as L
 import torch
 
 from prism_lightning.backbone import Backbone, BackboneConfig, check_base_model, load_backbone
-from prism_lightning.divergence import check_gradients, check_metric, check_weights
+from prism_lightning.distributed import all_gather_objects, local_tensor, world_size, zero3_partitioned
+from prism_lightning.divergence import check_gradient_norm, check_gradients, check_metric, check_weights
 from prism_lightning.errors import PrismError
 from prism_lightning.losses import kl_divergence, response_logits
+from prism_lightning.strategies import offloads_optimizer
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -136,24 +138,29 @@ class DistillationStudent(L.LightningModule):
             self.model.train(was_training)
 
     def distill_loss(self, batch: dict, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """KL on distill rows (teacher with persona) and, if weighted, on retain rows (teacher = base, no persona)."""
+        """KL on distill rows (teacher with persona) and, if weighted, on retain rows (teacher = base, no persona).
+
+        With several ranks every rank runs the same forwards and reports the same keys whatever its batch holds:
+        under ZeRO-3 each forward is a collective, and synced logs need the same keys on every rank.
+        """
         hp = self.hparams
+        uniform = world_size() > 1
         distill_rows = batch["label"] > 0.5
         student = response_logits(student_logits, batch["student_pos"])
         out: dict[str, torch.Tensor] = {}
-        if distill_rows.any():
+        if distill_rows.any() or uniform:
             teacher = response_logits(self.teacher_logits(batch["teacher_ids"], batch["teacher_mask"]),
                                       batch["teacher_pos"])
             mask = batch["response_mask"] & distill_rows[:, None]
-            out["kl"] = kl_divergence(teacher[mask], student[mask], hp.temperature, hp.top_k).mean()
+            out["kl"] = masked_kl(teacher, student, mask, hp.temperature, hp.top_k)
         else:
             out["kl"] = student.sum() * 0.0
         loss = out["kl"]
-        if hp.retain_weight > 0 and (~distill_rows).any():
+        if hp.retain_weight > 0 and ((~distill_rows).any() or uniform):
             base = response_logits(self.teacher_logits(batch["student_ids"], batch["student_mask"]),
                                    batch["student_pos"])
             mask = batch["response_mask"] & ~distill_rows[:, None]
-            out["retain_kl"] = kl_divergence(base[mask], student[mask], hp.temperature, hp.top_k).mean()
+            out["retain_kl"] = masked_kl(base, student, mask, hp.temperature, hp.top_k)
             loss = loss + hp.retain_weight * out["retain_kl"]
         out["loss"] = loss
         return out
@@ -170,15 +177,38 @@ class DistillationStudent(L.LightningModule):
             check_metric(f"val/{name}", float(value), f"validation batch {batch_idx}")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop when the gradients explode (fp16's GradScaler handles its own overflows)."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+        """Stop when the gradients explode (fp16's GradScaler handles its own overflows).
+
+        DeepSpeed keeps gradients in its own buffers (``p.grad`` is None); its global norm is checked after the step.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None and self.deepspeed_engine() is None:
             check_gradients([p for p in self.parameters() if p.requires_grad], self.global_step,
                             self.hparams.divergence_limit)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Stop when a trainable weight becomes non-finite or explodes, before it can be checkpointed."""
-        check_weights(((n, p) for n, p in self.named_parameters() if p.requires_grad), self.global_step,
-                      self.hparams.divergence_limit)
+        """Stop when the gradients or a trainable weight become non-finite or explode, before a checkpoint."""
+        limit = self.hparams.divergence_limit
+        engine = self.deepspeed_engine()
+        if engine is not None and engine.get_global_grad_norm() is not None:  # the same value on every rank
+            check_gradient_norm(float(engine.get_global_grad_norm()), self.global_step, limit)
+        named = [(n, local_tensor(p)) for n, p in self.named_parameters() if p.requires_grad]
+        if not zero3_partitioned(self):
+            check_weights(named, self.global_step, limit)
+            return
+        # ZeRO-3: each rank sees only its shard, and all ranks must stop together (a lone stop hangs the others).
+        try:
+            check_weights(named, self.global_step, limit)
+            problem = None
+        except PrismError as exc:
+            problem = str(exc)
+        found = [p for p in all_gather_objects(problem) if p]
+        if found:
+            raise PrismError(found[0])
+
+    def deepspeed_engine(self) -> Optional[Any]:
+        """The DeepSpeed engine training this module, if any."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, "deepspeed_engine", None) if trainer is not None else None
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One distillation step."""
@@ -199,8 +229,7 @@ class DistillationStudent(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         """AdamW with linear warmup and decay."""
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.hparams.lr,
-                                      weight_decay=self.hparams.weight_decay)
+        optimizer = adamw(self.trainable_parameters(), self.hparams.lr, self.hparams.weight_decay, self._trainer)
         return with_schedule(optimizer, self.trainer.estimated_stepping_batches, self.hparams.warmup_ratio)
 
     # Checkpoints keep the trainable weights and the base model's reference, never the frozen base.
@@ -221,6 +250,26 @@ class DistillationStudent(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             version, _, gauss = random.getstate()
             random.setstate((version, tuple(rng["python"]), gauss))
+
+
+def masked_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, temperature: float,
+              top_k: int) -> torch.Tensor:
+    """Mean KL over the masked response positions; 0 (still attached to the graph) when none are masked."""
+    if not mask.any():
+        return student.sum() * 0.0
+    return kl_divergence(teacher[mask], student[mask], temperature, top_k).mean()
+
+
+def adamw(params: Any, lr: float, weight_decay: float, trainer: Any = None) -> torch.optim.Optimizer:
+    """AdamW; DeepSpeed's CPU AdamW (same update) when the strategy keeps the optimizer in CPU memory.
+
+    ZeRO-Offload refuses a client optimizer that is not DeepSpeed's: ``deepspeed_stage_3_offload`` needs this one.
+    """
+    if trainer is not None and offloads_optimizer(trainer.strategy):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def with_schedule(optimizer: torch.optim.Optimizer, total_steps: float, warmup_ratio: float) -> dict:

@@ -1,0 +1,120 @@
+"""Strategies by name (prism_lightning.strategies) and the one-line refusals around them; no processes started."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+
+from prism_lightning import strategies
+from prism_lightning.cli import main
+from prism_lightning.strategies import PrismDeepSpeedStrategy
+from prism_lightning.zero_checkpoint import read_client_state
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), lines[-5:]
+    return lines[-1]
+
+
+def fails(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    return error_line(capsys)
+
+
+@pytest.mark.parametrize("name, stage, offload", [("deepspeed_stage_2", 2, False), ("deepspeed_stage_3", 3, False),
+                                                  ("deepspeed_stage_3_offload", 3, True)])
+def test_deepspeed_names_build_our_strategy_with_lightnings_arguments(name, stage, offload):
+    entry = StrategyRegistry[name]
+    assert entry["strategy"] is PrismDeepSpeedStrategy
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False, enable_checkpointing=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, DeepSpeedStrategy) and type(strategy) is PrismDeepSpeedStrategy
+    assert strategy.config["zero_optimization"]["stage"] == stage
+    assert ("offload_param" in strategy.config["zero_optimization"]) == offload
+    assert strategy.exclude_frozen_parameters  # checkpoints never hold the frozen base
+    assert type(L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False).strategy) is DDPStrategy
+
+
+def test_on_cpu_deepspeed_gets_the_local_rank_as_device_rank(monkeypatch):
+    """Lightning passes root_device.index (None on CPU); DeepSpeed compares it with 0."""
+    import deepspeed
+
+    seen = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: seen.append(kw["args"]) or (None, None, None, None))
+    fake = deepspeed.initialize
+    strategy = PrismDeepSpeedStrategy(accelerator=CPUAccelerator(), parallel_devices=[torch.device("cpu")] * 2)
+    strategy.config.setdefault("train_micro_batch_size_per_gpu", 1)
+    strategy._setup_model_and_optimizer(torch.nn.Linear(2, 2), None)
+    assert seen == [argparse.Namespace(device_rank=strategy.local_rank)] and strategy.local_rank == 0
+    assert deepspeed.initialize is fake  # what was there before the call is back
+    assert not strategy.on_cuda
+
+
+def test_an_unknown_strategy_name_lists_the_valid_ones(tmp_path, capsys):
+    line = fails(["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
+                  "--trainer.strategy", "zero2"], capsys)
+    assert "unknown strategy 'zero2'" in line
+    for name in ("auto", "ddp", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload"):
+        assert name in line
+
+
+def test_deepspeed_missing_names_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(strategies, "deepspeed_available", lambda: False)
+    line = fails(["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
+                  "--trainer.strategy", "deepspeed_stage_2"], capsys)
+    assert "DeepSpeed is not installed" in line and "PRISM_EXTRAS=deepspeed scripts/install.sh" in line
+
+
+@pytest.mark.parametrize("command, strategy", [("test", "ddp"), ("predict", "deepspeed_stage_3")])
+def test_commands_that_cannot_run_on_several_processes_say_so_before_any_work(command, strategy, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    line = fails([command, "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator",
+                  "cpu", "--trainer.devices", "2", "--trainer.strategy", strategy, "--data.predict_file",
+                  str(prompts)], capsys)
+    assert f"prism {command}" in line and "--trainer.devices 1" in line
+
+
+def fake_zero_checkpoint(directory: Path, world: int = 2, stage: int = 2) -> Path:
+    """The files Lightning's DeepSpeedStrategy writes (contents only where they are read)."""
+    shards = directory / "checkpoint"
+    shards.mkdir(parents=True)
+    torch.save({"dp_world_size": world, "ds_config": {"zero_optimization": {"stage": stage}}, "epoch": 0,
+                "module": {}}, shards / "mp_rank_00_model_states.pt")
+    for rank in range(world):
+        (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (directory / "latest").write_text("checkpoint")
+    return directory
+
+
+def test_a_deepspeed_checkpoint_directory_is_checked_for_every_rank(tmp_path):
+    from prism_lightning.errors import PrismError
+
+    ckpt = fake_zero_checkpoint(tmp_path / "last.ckpt")
+    state = read_client_state(ckpt)
+    assert (state["epoch"], state["prism_world_size"], state["prism_zero_stage"]) == (0, 2, 2)
+    (ckpt / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(PrismError, match=r"written by 2 ranks: missing checkpoint/zero_pp_rank_1_mp_rank_00_optim"):
+        read_client_state(ckpt)
+    (ckpt / "checkpoint" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(PrismError, match="mp_rank_00_model_states.pt .ZeRO-1/2. or .*is missing"):
+        read_client_state(ckpt)
+
+
+def test_resuming_a_deepspeed_checkpoint_under_another_strategy_is_one_line(tmp_path, capsys):
+    fake_zero_checkpoint(tmp_path / "checkpoints" / "last.ckpt", world=2, stage=3)
+    line = fails(["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"],
+                 capsys)
+    assert "is a DeepSpeed checkpoint (ZeRO stage 3, 2 ranks)" in line and "deepspeed_stage_3" in line
