@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -46,8 +46,7 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
     """Full values of ZeRO-3 partitioned ``params`` inside the block (a collective); a no-op for ordinary ones."""
     params = list(params)
     if not any(hasattr(p, "ds_id") for p in params):
-        with nullcontext():
-            yield
+        yield
         return
     import deepspeed
 

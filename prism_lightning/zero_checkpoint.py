@@ -112,6 +112,13 @@ def checkpoint_for_run(path: Path, state: dict, trainer: Any, command: str) -> P
                              f"--trainer.strategy deepspeed_stage_{stage} on {world} devices, or `prism export` it")
         return consolidated_file(path)
     running = int((strategy.config or {}).get("zero_optimization", {}).get("stage", 0))
+    if command != "fit" and running == 3:
+        # DeepSpeed restores ZeRO-3 weights only together with their optimizer shards (a fit); read them joined.
+        if trainer.world_size > 1:
+            raise PrismError(f"prism {command} under ZeRO-3 reads the checkpoint's joined weights in one process; "
+                             f"add --trainer.devices 1 --trainer.num_nodes 1 (or --trainer.strategy auto)")
+        strategy.load_full_weights = True
+        return consolidated_file(path)
     if command == "fit" and (world, stage) != (trainer.world_size, running):
         raise PrismError(f"{path} was written by ZeRO stage {stage} on {world} ranks; this run is ZeRO stage "
                          f"{running} on {trainer.world_size}: resume with the same strategy and devices × num_nodes")

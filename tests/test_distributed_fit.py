@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_helpers import GateProbe, prism_env, route_export, run_prism, trainable_only  # noqa: F401 (class_path)
+from dist_helpers import prism_env, route_export, run_prism, trainable_only
 from prism_lightning.cli import main
 from test_cli_fit import fit_config, save_tiny_model, train_losses, write_corpus
 
@@ -141,7 +141,7 @@ def test_zero_fit_exports_resumes_and_checks_its_checkpoint(stage, accelerator, 
     exported = tmp_path / "from-checkpoint"
     run_prism("export", "--config", str(cfg), "--ckpt_path", "last", "--export_dir", str(exported))
     probed = json.loads((tmp_path / "probe.json").read_text())["probabilities"]
-    assert route_export(exported) == pytest.approx(probed, abs=1e-6)
+    assert route_export(exported) == pytest.approx(probed, abs=1e-6 if cpu else 1e-4)  # GPU-trained, CPU-routed
     for name in ("gate.safetensors", "adapter/adapter_model.safetensors"):  # the fit's own export: the same weights
         ours, theirs = load_file(exported / name), load_file(run / "export" / name)
         assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-7) for k in ours)
@@ -152,13 +152,14 @@ def test_zero_fit_exports_resumes_and_checks_its_checkpoint(stage, accelerator, 
 
     broken = tmp_path / "broken.ckpt"
     shutil.copytree(last, broken)
-    (broken / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    shard = sorted((broken / "checkpoint").glob("*zero_pp_rank_*_optim_states.pt"))[-1]  # the last rank's
+    shard.unlink()
     with pytest.raises(SystemExit) as done:
         main(["export", "--config", str(cfg), "--ckpt_path", str(broken)])
     assert done.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: ") and "incomplete DeepSpeed checkpoint" in line
-    assert "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt" in line
+    assert f"checkpoint/{shard.name}" in line
 
 
 # --------------------------------------------------------------------------- the real embedded model

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strateg
 
 from prism_lightning import strategies
 from prism_lightning.cli import main
-from prism_lightning.strategies import PrismDeepSpeedStrategy
+from prism_lightning.strategies import PrismDeepSpeedStrategy, offloads_optimizer
 from prism_lightning.zero_checkpoint import read_client_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,7 @@ def test_deepspeed_names_build_our_strategy_with_lightnings_arguments(name, stag
     assert strategy.config["zero_optimization"]["stage"] == stage
     assert ("offload_param" in strategy.config["zero_optimization"]) == offload
     assert strategy.exclude_frozen_parameters  # checkpoints never hold the frozen base
+    assert offloads_optimizer(strategy) == offload  # then the modules use DeepSpeed's CPU AdamW (ZeRO-Offload)
     assert type(L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False).strategy) is DDPStrategy
 
 
@@ -113,8 +114,15 @@ def test_a_deepspeed_checkpoint_directory_is_checked_for_every_rank(tmp_path):
         read_client_state(ckpt)
 
 
-def test_resuming_a_deepspeed_checkpoint_under_another_strategy_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("command, strategy, expected", [
+    ("fit", "auto", "is a DeepSpeed checkpoint (ZeRO stage 3, 2 ranks): resume it with --trainer.strategy "
+                    "deepspeed_stage_3 on 2 devices"),
+    ("fit", "deepspeed_stage_2", "was written by ZeRO stage 3 on 2 ranks; this run is ZeRO stage 2 on 2"),
+    # DeepSpeed restores ZeRO-3 weights only with their optimizer shards, i.e. in a fit.
+    ("validate", "deepspeed_stage_3", "prism validate under ZeRO-3 reads the checkpoint's joined weights in one "
+                                      "process")])
+def test_a_deepspeed_checkpoint_the_run_cannot_load_is_one_line(command, strategy, expected, tmp_path, capsys):
     fake_zero_checkpoint(tmp_path / "checkpoints" / "last.ckpt", world=2, stage=3)
-    line = fails(["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"],
-                 capsys)
-    assert "is a DeepSpeed checkpoint (ZeRO stage 3, 2 ranks)" in line and "deepspeed_stage_3" in line
+    line = fails([command, "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last",
+                  "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", strategy], capsys)
+    assert expected in line

@@ -189,7 +189,8 @@ class DistillationStudent(L.LightningModule):
         """Stop when the gradients or a trainable weight become non-finite or explode, before a checkpoint."""
         limit = self.hparams.divergence_limit
         engine = self.deepspeed_engine()
-        if engine is not None and engine.get_global_grad_norm() is not None:  # the same value on every rank
+        # The same value on every rank; under fp16 DeepSpeed's loss scaler skips overflowing steps by itself.
+        if engine is not None and not engine.fp16_enabled() and engine.get_global_grad_norm() is not None:
             check_gradient_norm(float(engine.get_global_grad_norm()), self.global_step, limit)
         named = [(n, local_tensor(p)) for n, p in self.named_parameters() if p.requires_grad]
         if not zero3_partitioned(self):
