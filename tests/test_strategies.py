@@ -12,25 +12,15 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 
 from prism_lightning import strategies
-from prism_lightning.cli import main
 from prism_lightning.strategies import PrismDeepSpeedStrategy, offloads_optimizer
 from prism_lightning.zero_checkpoint import read_client_state
+
+from test_faults import error_line, fit_fails as fails  # the one helper for one-line CLI errors
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
-def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), lines[-5:]
-    return lines[-1]
-
-
-def fails(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as done:
-        main(argv)
-    assert done.value.code == 2
-    return error_line(capsys)
 
 
 @pytest.mark.parametrize("name, stage, offload", [("deepspeed_stage_2", 2, False), ("deepspeed_stage_3", 3, False),
