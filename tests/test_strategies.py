@@ -15,7 +15,7 @@ from prism_lightning import strategies
 from prism_lightning.strategies import PrismDeepSpeedStrategy, offloads_optimizer
 from prism_lightning.zero_checkpoint import read_client_state
 
-from test_faults import error_line, fit_fails as fails  # the one helper for one-line CLI errors
+from test_faults import fit_fails as fails  # the one helper for one-line CLI errors
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
