@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.jsonl import read_jsonl_numbered
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.progress import announce
+from prism_lightning.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
 from prism_lightning.teacher_text import TeacherText, teacher_texts
 
 
@@ -38,42 +38,6 @@ def stratified_split(items: list[dict], val_fraction: float, seed: int) -> tuple
         val += group[:n_val]
         train += group[n_val:]
     return train, val
-
-
-class BalancedSampler(DistributedSampler):
-    """Draws indices with replacement so both gate classes are equally likely (minority resampling); one share per rank.
-
-    Each epoch draws one global sample of ``ceil(n / world) * world`` indices from a generator seeded with the seed and
-    the epoch, identical on every rank, and rank r takes every ``world``-th index from position r. So the ranks train on
-    different draws, every rank re-draws each epoch (Lightning calls ``set_epoch`` on every rank), a resumed run draws
-    what an uninterrupted one would, and one process draws exactly what it always did. It is a
-    ``DistributedSampler``, so Lightning uses it as it is: a wrapper would reshuffle the draw and never hand
-    ``set_epoch`` down to it.
-    """
-
-    def __init__(self, labels: list[int], seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        # DistributedSampler.__init__ would ask torch.distributed for the world, which may not exist yet: given here.
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"BalancedSampler: rank {rank} outside 0..{num_replicas - 1}")
-        counts = {lab: labels.count(lab) for lab in set(labels)}
-        self.weights = torch.tensor([1.0 / counts[lab] for lab in labels], dtype=torch.double)
-        self.seed, self.epoch = seed, 0
-        self.num_replicas, self.rank = num_replicas, rank
-        self.num_samples = math.ceil(len(labels) / num_replicas)
-        self.total_size = self.num_samples * num_replicas
-        self.shuffle, self.drop_last = True, False  # what readers of a DistributedSampler look at
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the draw for this epoch."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        draw = torch.multinomial(self.weights, self.total_size, True, generator=generator).tolist()
-        return iter(draw[self.rank::self.num_replicas])
 
 
 @dataclass
@@ -179,6 +143,8 @@ class BootstrapDataModule(L.LightningDataModule):
         self.corpus: Optional[Corpus] = None
         self.train_items: list[dict] = []
         self.val_items: list[dict] = []
+        self._train_loader: Optional[ResumableLoader] = None
+        self._train_position: Optional[dict[str, int]] = None
 
     def resolve_corpus_dir(self, root: Optional[str] = None) -> Path:
         """The corpus directory: explicit, else under the trainer's root dir."""
@@ -237,14 +203,38 @@ class BootstrapDataModule(L.LightningDataModule):
         """Training batches, this rank's share; the minority gate class is resampled so both classes are seen equally.
 
         Both samplers are distributed samplers of our own, so Lightning never wraps or replaces them
-        (``use_distributed_sampler`` makes no difference) and every rank runs the same number of batches.
+        (``use_distributed_sampler`` makes no difference) and every rank runs the same number of batches; the loader
+        is stateful, so a checkpoint taken inside an epoch resumes at the next batch of the same draw.
         """
         world, rank = self.replicas()
         if self.balance:
             sampler = BalancedSampler([i["label"] for i in self.train_items], self.seed, world, rank)
         else:
-            sampler = DistributedSampler(self.train_items, world, rank, shuffle=True, seed=self.seed)
-        return DataLoader(self.train_items, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator())
+            sampler = ShuffledSampler(self.train_items, world, rank, shuffle=True, seed=self.seed)
+        self._train_loader = ResumableLoader(self.train_items, batch_size=self.batch_size, sampler=sampler,
+                                             collate_fn=self.collator())
+        self._resume_train_loader()
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's position (epoch, batches trained), saved in every checkpoint."""
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader at the checkpoint's position, now or once it is built.
+
+        Lightning restores a stateful loader itself, except when ``configure_optimizers`` asks for
+        ``estimated_stepping_batches`` (ours does, for the LR schedule): the loader is then built before the
+        checkpoint is read and its state is dropped (Lightning #20550). The datamodule's own state is always restored.
+        """
+        self._train_position = state_dict.get("train_position")
+        self._resume_train_loader()
+
+    def _resume_train_loader(self) -> None:
+        """Hand a restored position to the training loader, once (the sampler applies it to the epoch it names)."""
+        if self._train_position and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._train_position)
+            self._train_position = None
 
     def val_dataloader(self) -> DataLoader:
         """Held-out batches, in corpus order: rank r gets items r, r + W, …, the last round padded with repeats so

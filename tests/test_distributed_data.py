@@ -96,3 +96,38 @@ def test_gathered_gate_outputs_are_the_split_once_in_order():
     one = merge_rank_outputs([rank_outputs(split, 2)])
     assert one["ids"] == split and torch.equal(one["logits"], merged["logits"])
     assert merge_rank_outputs([[], []])["ids"] == []
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_the_training_loader_resumes_inside_the_epoch_it_names_only(balance):
+    """Unit view of mid-epoch resume: the position is (epoch, batches trained) and applies to that epoch alone."""
+    data = BootstrapDataModule(bootstrap=False, balance=balance)
+    data.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    data.train_items = items(13)
+    data.collator = lambda: list
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(2)
+    whole = [[row["id"] for row in batch] for batch in loader]
+    loader.sampler.set_epoch(2)
+    trained = iter(loader)
+    first = [[row["id"] for row in next(trained)] for _ in range(2)]
+    position = data.state_dict()
+    assert position == {"train_position": {"epoch": 2, "batches": 2}}
+
+    resumed = BootstrapDataModule(bootstrap=False, balance=balance)
+    resumed.trainer, resumed.train_items, resumed.collator = data.trainer, data.train_items, data.collator
+    resumed.load_state_dict(position)  # before the loader exists (DDP order)
+    loader = resumed.train_dataloader()
+    loader.sampler.set_epoch(2)
+    rest = [[row["id"] for row in batch] for batch in loader]
+    assert first + rest == whole and len(rest) == len(whole) - 2
+    assert resumed.state_dict()["train_position"] == {"epoch": 2, "batches": len(whole)}  # skipped ones count
+    loader.sampler.set_epoch(3)
+    assert len(list(loader)) == len(whole)  # the next epoch is whole
+
+    late = BootstrapDataModule(bootstrap=False, balance=balance)
+    late.trainer, late.train_items, late.collator = data.trainer, data.train_items, data.collator
+    loader = late.train_dataloader()
+    late.load_state_dict(position)  # after the loader exists (DeepSpeed restores after setup)
+    loader.sampler.set_epoch(3)
+    assert len(list(loader)) == len(whole)  # a position for epoch 2 is dropped at epoch 3

@@ -359,3 +359,66 @@ def test_a_signal_during_bootstrap_tears_nothing_and_the_rerun_finishes(tmp_path
     for stage in ("queries", "answers", "judge"):
         ids = [json.loads(line)["id"] for line in lines(stage_file(corpus, stage))]
         assert ids and len(set(ids)) == len(ids), stage
+
+
+class RecordBatches(__import__("lightning").pytorch.callbacks.Callback):
+    """Test helper: append ``[epoch, batch_idx, ids]`` of every training batch to ``<path>.<rank>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(f"{self.path}.{trainer.global_rank}", "a") as out:
+            out.write(json.dumps([trainer.current_epoch, batch_idx, batch["ids"]]) + "\n")
+
+
+class CheckpointAndStop(__import__("lightning").pytorch.callbacks.Callback):
+    """Test helper: at the end of batch ``batch`` of epoch ``epoch`` save ``path`` (as a requeue or an
+    ``every_n_train_steps`` checkpoint would, inside the epoch) and stop training."""
+
+    def __init__(self, path: str, epoch: int, batch: int) -> None:
+        self.path, self.epoch, self.batch = path, epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def recorded(path: Path) -> list[list]:
+    return [json.loads(line) for line in Path(f"{path}.0").read_text().splitlines()]
+
+
+def trainable(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, weights_only=False, map_location="cpu")["state_dict"]
+
+
+@pytest.mark.parametrize("balance", [True, False], ids=["balanced", "shuffled"])
+def test_a_checkpoint_inside_an_epoch_resumes_at_the_next_batch_of_the_same_draw(tiny_model, tmp_path, balance):
+    """A requeue or step checkpoint lands mid-epoch; the resumed run must not train on the epoch's first batches again
+    (before the loader was stateful it did: Lightning counts the batches, the data restarted from the top)."""
+    corpus = write_corpus(tmp_path / "corpus", [1, 0, 0] * 5)
+    legs = {name: tmp_path / name for name in ("straight", "first", "second")}
+    mid = tmp_path / "mid.ckpt"
+    record = {name: {"class_path": "test_faults.RecordBatches", "init_args": {"path": str(legs[name] / "batches")}}
+              for name in legs}
+    stop = {"class_path": "test_faults.CheckpointAndStop", "init_args": {"path": str(mid), "epoch": 1, "batch": 1}}
+    overrides = ["--data.balance", str(balance).lower()]
+    main(["fit", "--config", str(fit_config(legs["straight"], tiny_model, corpus, epochs=3,
+                                             extra_callbacks=[record["straight"]])), *overrides])
+    main(["fit", "--config", str(fit_config(legs["first"], tiny_model, corpus, epochs=3,
+                                             extra_callbacks=[record["first"], stop])), *overrides])
+    assert torch.load(mid, weights_only=False, map_location="cpu")["loops"]["fit_loop"]["state_dict"][
+        "combined_loader"] == [{"epoch": 1, "batches": 2}]
+    main(["fit", "--config", str(fit_config(legs["second"], tiny_model, corpus, epochs=3,
+                                             extra_callbacks=[record["second"]])), *overrides, "--ckpt_path", str(mid)])
+    straight = recorded(legs["straight"] / "batches")
+    first = [row for row in recorded(legs["first"] / "batches") if row[:2] <= [1, 1]]
+    second = recorded(legs["second"] / "batches")
+    assert second[0][:2] == [1, 2]
+    assert first + second == straight
+    expected = trainable(legs["straight"] / "run" / "checkpoints" / "last.ckpt")
+    resumed = trainable(legs["second"] / "run" / "checkpoints" / "last.ckpt")
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)

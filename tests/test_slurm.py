@@ -4,6 +4,7 @@ preflight, the requeue handler outside training, and the sbatch templates agains
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ import yaml
 
 from prism_lightning import slurm
 from prism_lightning.cli import main
+from prism_lightning.data import BalancedSampler
 from test_cli_fit import fit_config, save_tiny_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,10 +145,12 @@ def test_simulated_two_task_job_requeues_on_sigusr1_and_resumes(tiny_model, tmp_
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 12)
     marker = tmp_path / "paused"
     pause = {"class_path": "test_slurm.PauseInEpochOne", "init_args": {"marker": str(marker)}}
+    record = [{"class_path": "test_faults.RecordBatches", "init_args": {"path": str(tmp_path / f"batches{leg}")}}
+              for leg in (0, 1)]
     job = tmp_path / "job"
     logs = tmp_path / "logs"
     logs.mkdir()
-    first = launch(fit_config(job, tiny_model, corpus, epochs=3, extra_callbacks=[pause]), logs, restart=0)
+    first = launch(fit_config(job, tiny_model, corpus, epochs=3, extra_callbacks=[pause, record[0]]), logs, restart=0)
     deadline = time.time() + 300
     while not Path(f"{marker}.0").exists() or not Path(f"{marker}.1").exists():
         if time.time() > deadline or any(p.poll() is not None for p in first):
@@ -171,8 +175,21 @@ def test_simulated_two_task_job_requeues_on_sigusr1_and_resumes(tiny_model, tmp_
     assert "requeued Slurm job 4242" in " ".join((logs / "rank0-restart0.log").read_text().split())
 
     # The requeued job runs the same command; Slurm counts the restart.
-    second = launch(fit_config(job, tiny_model, corpus, epochs=3), logs, restart=1)
+    second = launch(fit_config(job, tiny_model, corpus, epochs=3, extra_callbacks=[record[1]]), logs, restart=1)
     assert wait_all(second, logs, 1) == [0, 0], tail(logs, 1)
+    # Each rank trains epoch 1 on its share of the epoch's seeded draw exactly once: the requeued leg goes on at the
+    # batch after the checkpoint, not at the epoch's first batch.
+    split = json.loads((corpus / "split.json").read_text())["train"]
+    labels = {item["id"]: item["label"] for item in map(json.loads, (corpus / "corpus.jsonl").open())}
+    for rank in (0, 1):
+        sampler = BalancedSampler([labels[i] for i in split], 0, 2, rank)
+        sampler.set_epoch(1)
+        share = [split[i] for i in sampler]
+        expected = [share[k:k + 2] for k in range(0, len(share), 2)]
+        legs = [[json.loads(line) for line in Path(f"{tmp_path / f'batches{leg}'}.{rank}").open()] for leg in (0, 1)]
+        trained = [ids for epoch, batch, ids in legs[0] if epoch == 1 and batch <= 1]
+        trained += [ids for epoch, _, ids in legs[1] if epoch == 1]
+        assert trained == expected, rank
     resumed = train_steps(job / "logs" / "metrics.csv")
     assert min(resumed) == paused_at, "did not continue at the requeue checkpoint's step"
     assert max(resumed) == 3 * per_epoch - 1 and resumed[max(resumed)] == 2
