@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 
+from prism_lightning import rng_state
 from prism_lightning.backbone import Backbone, BackboneConfig, check_base_model, load_backbone
 from prism_lightning.distributed import all_gather_objects, local_tensor, world_size, zero3_partitioned
 from prism_lightning.divergence import check_gradient_norm, check_gradients, check_metric, check_weights
@@ -239,18 +240,16 @@ class DistillationStudent(L.LightningModule):
         keep = trainable_state_keys(self)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["prism_base_model"] = self.backbone.reference
-        # Random state at the save, so a resumed run draws the same LoRA-dropout masks as an uninterrupted one.
-        checkpoint["prism_rng"] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+        checkpoint["prism_rng"] = rng_state.capture_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint made for another base model; restore the random state saved with it."""
         check_base_model(checkpoint.get("prism_base_model"), self.backbone, "checkpoint")
-        rng = checkpoint.get("prism_rng")
         trainer = self._trainer  # None when `prism export` loads a checkpoint outside any loop
-        if rng and trainer is not None and trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            version, _, gauss = random.getstate()
-            random.setstate((version, tuple(rng["python"]), gauss))
+        if trainer is not None and trainer.state.fn == "fit":
+            problem = rng_state.restore(checkpoint.get("prism_rng"), trainer.global_rank, trainer.world_size)
+            if problem:
+                rank_zero_warn(problem)
 
 
 def masked_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, temperature: float,
