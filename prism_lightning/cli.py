@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -246,20 +249,48 @@ def main(args: Optional[list[str]] = None) -> None:
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
     except KeyboardInterrupt:
-        print("error: interrupted; finished work is kept (stage files, last.ckpt) — rerun the same command to "
-              "resume", file=sys.stderr)
+        report("interrupted; finished work is kept (stage files, last.ckpt) — rerun the same command to resume")
         sys.exit(130)
     except SIGTERMException:
         # Lightning stops at the next batch boundary and raises SystemExit(None): exit 0, as if the run had
         # finished. A scheduler must see that it did not.
-        print("error: stopped by SIGTERM; the last finished epoch is in <root>/checkpoints/last.ckpt — resume "
-              "with --ckpt_path last", file=sys.stderr)
+        if SLURMEnvironment.detect():
+            report("stopped by SIGTERM; the newest checkpoint is under <root>/checkpoints — resubmit the same sbatch "
+                   "command (a requeued job does so itself): it resumes from there")
+        else:
+            report("stopped by SIGTERM; the newest checkpoint is <root>/checkpoints/last.ckpt — resume with "
+                   "--ckpt_path last")
         sys.exit(128 + signal.SIGTERM)
     except (PrismError, FileNotFoundError) as exc:
         stop_other_ranks(getattr(PrismCLI.current, "trainer", None))  # ranks this one launched would wait forever
         discard_empty_log_dir(PrismCLI.current)
-        print(f"error: {exc}", file=sys.stderr)
+        report(str(exc), same_on_all_ranks=not in_process_group())
         sys.exit(2)
+
+
+def report(message: str, same_on_all_ranks: bool = True) -> None:
+    """One ``error:`` line on stderr, from rank 0 only when every rank has the same one to say.
+
+    Under torchrun/srun each rank parses the same config and meets the same signal: N copies of one line would
+    bury it. A failure while running can be one rank's alone (its node's disk, its shard), so those name the rank.
+    """
+    rank = process_rank()
+    if rank == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    elif not same_on_all_ranks:
+        print(f"error: [rank {rank}] {message}", file=sys.stderr, flush=True)
+
+
+def process_rank() -> int:
+    """This process's global rank: the process group's, else what the launcher's variables say (0 when alone)."""
+    if in_process_group():
+        return torch.distributed.get_rank()
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def in_process_group() -> bool:
+    """Whether the ranks are joined yet (before that, all of them parsed and checked the same config and files)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 if __name__ == "__main__":

@@ -197,3 +197,17 @@ def test_quickstart_on_two_processes_under_zero2_exports_a_loadable_artifact(tmp
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(rows) == 2 and all(r["route"] in ("adapter", "base") and r["text"] for r in rows)
+
+
+def test_ddp_predict_merges_the_ranks_shares_in_prompt_order(ddp_straight, tiny_model, corpus, tmp_path):
+    """Two ranks predict alternate prompts into files of their own; rank 0 merges them in the prompt file's order."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{k}", "prompt": f"Question {k}?"}) + "\n" for k in range(5)))
+    run_prism("predict", "--config", str(config(ddp_straight, tiny_model, corpus, 3)), *distributed("ddp"),
+              "--ckpt_path", "last", "--data.predict_file", str(prompts), "--model.init_args.predict_decoding",
+              '{"max_new_tokens": 4}')
+    out = ddp_straight / "run" / "predictions.jsonl"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"p{k}" for k in range(5)]
+    assert all(set(r) >= {"prompt", "text", "route", "probability"} and "_index" not in r for r in rows)
+    assert sorted(p.name for p in out.parent.iterdir() if "partial" in p.name) == []

@@ -248,3 +248,13 @@ def test_prism_fit_under_ddp_bootstraps_on_every_rank(runs, tmp_path):
     assert manifest(corpus)["world_size"] == {"queries": 2, "answers": 2, "judge": 2}
     assert_same_corpus(corpus, runs["reference"])
     assert result.stderr.count("== prism: bootstrap") == 1
+
+
+def test_a_config_error_under_torchrun_is_said_once(runs):
+    """Every rank parses the same config and meets the same error: rank 0 alone prints it (was once per rank)."""
+    result = subprocess.run([*TORCHRUN, *PRISM, "bootstrap", "--config", str(runs["config"]),
+                             "--data.val_fraction", "1.5"], capture_output=True, text=True, timeout=300,
+                            env=clean_env())
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "data.val_fraction" in errors[0], result.stderr[-3000:]
