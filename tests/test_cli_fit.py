@@ -243,3 +243,20 @@ def test_discriminative_check_stops_prism_fit_when_the_adapter_destroys_accuracy
     assert checks and float(checks[0]["disc/base_acc"]) == 100.0 and float(checks[0]["disc/drop"]) > 5.0
     assert max(int(r["epoch"]) for r in rows if r.get("epoch")) == 0, "the run went on past the failed check"
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()  # finished work is kept
+
+
+def test_lightnings_throughput_monitor_counts_prism_batches(tiny_model, tmp_path):
+    """The command line bench/gpu_check.sh uses: training tokens/s from Lightning's ThroughputMonitor."""
+    import csv
+
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
+    main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=1)),
+          "--trainer.callbacks+=lightning.pytorch.callbacks.ThroughputMonitor",
+          "--trainer.callbacks.batch_size_fn=prism_lightning.throughput.batch_rows",
+          "--trainer.callbacks.length_fn=prism_lightning.throughput.batch_tokens"])
+    rows = [r for r in csv.DictReader((tmp_path / "logs" / "metrics.csv").open()) if r.get("train/lengths")]
+    assert rows, "ThroughputMonitor logged nothing"
+    last = rows[-1]
+    # 12 items, 3 held out: 9 draws in batches of 2; the monitor's counts are cumulative over the logged batches.
+    assert 6 <= float(last["train/samples"]) <= 10 and float(last["train/time"]) > 0
+    assert float(last["train/lengths"]) > 20 * float(last["train/samples"])  # student + teacher tokens per item
