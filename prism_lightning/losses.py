@@ -1,11 +1,18 @@
-"""Distillation loss math as pure functions."""
+"""Distillation loss math as pure functions.
+
+``kl_divergence`` is the definition on full logit rows. Training never materialises those for a large vocabulary:
+``teacher_topk`` keeps the teacher's k largest logits per token, and ``chunked_topk_kl`` applies the student's LM
+head a chunk of tokens at a time (recomputed in backward), reading only the k logits the KL needs. Both give
+``kl_divergence``'s values (tested).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0,
@@ -15,14 +22,56 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, te
     Both distributions are renormalised over the same support, so KL(p ‖ p) is exactly 0.
     Inputs are [N, V]; the result is [N].
     """
-    teacher = teacher_logits.float() / temperature
-    student = student_logits.float() / temperature
     if top_k:
-        teacher, index = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
-        student = student.gather(-1, index)
+        teacher, index = teacher_topk(teacher_logits, temperature, top_k)
+        return kl_on_support(teacher, student_logits.gather(-1, index).float() / temperature, temperature)
+    return kl_on_support(teacher_logits.float() / temperature, student_logits.float() / temperature, temperature)
+
+
+def teacher_topk(teacher_logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row divided by T, in fp32, and their vocabulary indices: [N, k] each.
+
+    The selection runs on the logits as they are (dividing by T > 0 keeps the order), so no fp32 copy of a
+    vocabulary-wide row is ever made.
+    """
+    values, index = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1)
+    return values.float() / temperature, index
+
+
+def kl_on_support(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher) ‖ softmax(student)) × T² per row, both already divided by T and on the same support."""
     log_p = F.log_softmax(teacher, dim=-1)
     log_q = F.log_softmax(student, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature ** 2
+
+
+def chunked_topk_kl(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, teacher: torch.Tensor,
+                    index: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """Per-token top-k KL with the student's logits ``head(hidden)`` built ``chunk`` tokens at a time: [N].
+
+    With more than one chunk each is checkpointed, so backward recomputes its logits instead of keeping
+    N × V of them; at most ``chunk`` × V student logits exist at once. ``teacher``/``index`` come from
+    :func:`teacher_topk`.
+    """
+    if hidden.shape[0] <= chunk:
+        return _chunk_kl(head, hidden, teacher, index, temperature)
+    parts = [checkpoint(_chunk_kl, head, hidden[start:start + chunk], teacher[start:start + chunk],
+                        index[start:start + chunk], temperature, use_reentrant=False)
+             for start in range(0, hidden.shape[0], chunk)]
+    return torch.cat(parts)
+
+
+def _chunk_kl(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, teacher: torch.Tensor,
+              index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL of one chunk: the student's logits at the teacher's top-k indices only go on in fp32."""
+    student = head(hidden).gather(-1, index).float() / temperature
+    return kl_on_support(teacher, student, temperature)
+
+
+def rows_at(hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, positions[b, t]]`` for every (b, t) where ``mask`` holds, in row-major order: [N, H]."""
+    b, t = mask.nonzero(as_tuple=True)
+    return hidden[b, positions[b, t]]
 
 
 def response_logits(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -123,3 +123,47 @@ def test_response_logits_keeps_the_graph():
     expected[0, [1, 2]] = True
     expected[1, [3, 4]] = True
     assert torch.equal(touched, expected)
+
+
+# --------------------------------------------------------------------------- the training path: top-k, chunked head
+from prism_lightning.losses import chunked_topk_kl, rows_at, teacher_topk  # noqa: E402
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_chunked_head_kl_equals_the_definition_in_value_and_gradient(chunk):
+    """Student logits built chunk by chunk from hidden states (checkpointed when there are several chunks) give
+    kl_divergence's values and the same gradients, and the head never sees more than ``chunk`` tokens."""
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(16, V, bias=False)
+    hidden = torch.randn(N, 16, generator=g, requires_grad=True)
+    teacher = _logits(0)
+    seen = []
+
+    def counted(h: torch.Tensor) -> torch.Tensor:
+        seen.append(h.shape[0])
+        return head(h)
+
+    reference = kl_divergence(teacher, head(hidden), 2.0, 64)
+    ref_grads = torch.autograd.grad(reference.mean(), [hidden, head.weight])
+    values, index = teacher_topk(teacher, 2.0, 64)
+    kl = chunked_topk_kl(counted, hidden, values, index, 2.0, chunk)
+    grads = torch.autograd.grad(kl.mean(), [hidden, head.weight])
+    torch.testing.assert_close(kl, reference, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert max(seen) == min(chunk, N)
+
+
+def test_teacher_topk_keeps_low_precision_logits_until_the_k_values():
+    logits = _logits(0).to(torch.bfloat16)
+    values, index = teacher_topk(logits, 2.0, 8)
+    assert values.dtype == torch.float32 and index.shape == (N, 8)
+    torch.testing.assert_close(values, logits.float().topk(8, -1).values / 2.0)
+
+
+def test_rows_at_reads_the_masked_response_positions_in_row_major_order():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    positions = torch.tensor([[1, 2, 3], [0, 1, 4]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    expected = response_logits(hidden, positions)[mask]
+    torch.testing.assert_close(rows_at(hidden, positions, mask), expected)

@@ -140,7 +140,8 @@ def _randomise_lora_b(peft_model, seed: int = 0, scale: float = 0.3) -> None:
 @pytest.fixture
 def tiny_prism(tiny_backbone):
     def make(**kwargs) -> PrismModule:
-        module = PrismModule(backbone=tiny_backbone.config, lora=LoraSettings(rank=4, alpha=8), **kwargs)
+        kwargs.setdefault("lora", LoraSettings(rank=4, alpha=8))
+        module = PrismModule(backbone=tiny_backbone.config, **kwargs)
         module.configure_model()
         return module
     return make
@@ -157,8 +158,9 @@ def test_distill_kl_uses_the_frozen_base_with_persona_as_teacher(tiny_prism, tin
     _randomise_lora_b(module.model)
     module.model.eval()
     with torch.no_grad():
-        student = module.student_logits(tiny_batch)
-        out = module.distill_loss(tiny_batch, student)
+        hidden = module.student_hidden(tiny_batch)
+        out = module.distill_loss(tiny_batch, hidden)
+        student = module.head_logits(hidden)
         # Independent teacher: an untouched copy of the same base weights on the persona prompt.
         pristine = tiny_llama(0)
         teacher = pristine(input_ids=tiny_batch["teacher_ids"], attention_mask=tiny_batch["teacher_mask"]).logits
@@ -174,24 +176,24 @@ def test_retain_weight_adds_a_retain_kl_term(tiny_prism, tiny_batch):
     module = tiny_prism(retain_weight=0.5)
     module.model.eval()
     with torch.no_grad():
-        at_init = module.distill_loss(tiny_batch, module.student_logits(tiny_batch))
+        at_init = module.distill_loss(tiny_batch, module.student_hidden(tiny_batch))
     assert set(at_init) == {"kl", "retain_kl", "loss"}
     # LoRA B = 0: the student is the base, and the retain teacher is the base without persona -> 0.
     assert at_init["retain_kl"].abs() < 1e-6
     _randomise_lora_b(module.model)
     with torch.no_grad():
-        out = module.distill_loss(tiny_batch, module.student_logits(tiny_batch))
+        out = module.distill_loss(tiny_batch, module.student_hidden(tiny_batch))
     assert out["retain_kl"] > 1e-3
     torch.testing.assert_close(out["loss"], out["kl"] + 0.5 * out["retain_kl"])
 
     without = tiny_prism(retain_weight=0.0)
-    assert "retain_kl" not in without.distill_loss(tiny_batch, without.student_logits(tiny_batch))
+    assert "retain_kl" not in without.distill_loss(tiny_batch, without.student_hidden(tiny_batch))
 
 
 def test_distill_loss_without_distill_rows_is_zero_with_a_graph(tiny_prism, tiny_backbone):
     module = tiny_prism()
     batch = Collator(ChatFormatter(tiny_backbone.tokenizer), PERSONAS)([ITEMS[2]])
-    out = module.distill_loss(batch, module.student_logits(batch))
+    out = module.distill_loss(batch, module.student_hidden(batch))
     assert out["kl"].item() == 0.0 and out["kl"].requires_grad
 
 
@@ -209,8 +211,8 @@ def test_training_step_trains_lora_and_gate(tiny_prism, tiny_batch):
 
 def test_nan_logits_stop_training_naming_step_and_batch(tiny_prism, tiny_batch, monkeypatch):
     module = tiny_prism()
-    original = module.student_logits
-    monkeypatch.setattr(module, "student_logits", lambda batch: original(batch) * float("nan"))
+    original = module.student_hidden
+    monkeypatch.setattr(module, "student_hidden", lambda batch: original(batch) * float("nan"))
     with pytest.raises(PrismError) as info:
         module.training_step(tiny_batch, 7)
     message = str(info.value)
@@ -274,8 +276,8 @@ def test_teacher_sees_the_persona_on_the_real_model(real_backbone):
     no_persona = Collator(formatter, {"math": ""})([item])  # the reference-code bug: a persona-less teacher
     assert with_persona["teacher_ids"].shape[1] > no_persona["teacher_ids"].shape[1]
     with torch.no_grad():
-        kl = module.distill_loss(with_persona, module.student_logits(with_persona))["kl"]
-        kl_none = module.distill_loss(no_persona, module.student_logits(no_persona))["kl"]
+        kl = module.distill_loss(with_persona, module.student_hidden(with_persona))["kl"]
+        kl_none = module.distill_loss(no_persona, module.student_hidden(no_persona))["kl"]
     assert kl > 1e-3
     assert kl_none.abs() < 1e-6
 
@@ -399,14 +401,14 @@ def test_a_few_real_training_steps_lower_the_held_out_kl(real_backbone):
     def held_out_kl() -> float:
         module.model.eval()
         with torch.no_grad():
-            return float(module.distill_loss(held_out, module.student_logits(held_out))["kl"])
+            return float(module.distill_loss(held_out, module.student_hidden(held_out))["kl"])
 
     before = held_out_kl()
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=5e-4)
     module.model.train()
     for _ in range(8):
         optimizer.zero_grad()
-        module.distill_loss(train, module.student_logits(train))["loss"].backward()
+        module.distill_loss(train, module.student_hidden(train))["loss"].backward()
         optimizer.step()
     after = held_out_kl()
     assert before > 1e-3 and after < 0.9 * before, (before, after)
@@ -431,3 +433,54 @@ def test_training_features_under_right_padding_equal_inference_features_under_le
     assert (mask == 0).any(), "the inference batch must be left-padded"
     inference = layer0_features(real_backbone.model, ids, mask, torch.full((len(items),), ids.shape[1] - 1))
     torch.testing.assert_close(training, inference, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- memory of the step (issue #11)
+def saved_bytes(module: PrismModule, batch: dict) -> tuple[torch.Tensor, dict, int]:
+    """One training step's loss, LoRA/gate gradients, and the bytes autograd kept for backward."""
+    kept = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    torch.manual_seed(1)  # the same LoRA-dropout masks in both modes
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, kept[0]
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_keeps_less(tiny_prism, tiny_batch):
+    results = {}
+    for on in (False, True):
+        torch.manual_seed(0)  # identical LoRA A and gate initialisation
+        # head_chunk 8: the LM head's logits are recomputed in backward too, so the decoder's activations dominate.
+        module = tiny_prism(gradient_checkpointing=on, lora=LoraSettings(rank=4, alpha=8, dropout=0.1), head_chunk=8)
+        _randomise_lora_b(module.model)
+        assert module.model.get_base_model().is_activation_checkpointing is on
+        results[on] = saved_bytes(module, tiny_batch)
+    (loss_off, grads_off, kept_off), (loss_on, grads_on, kept_on) = results[False], results[True]
+    torch.testing.assert_close(loss_on, loss_off, rtol=1e-6, atol=1e-7)
+    assert grads_on.keys() == grads_off.keys() and len(grads_on) > 4
+    for name, grad in grads_off.items():
+        torch.testing.assert_close(grads_on[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert kept_on < 0.5 * kept_off, (kept_on, kept_off)
+
+
+def test_the_teacher_runs_only_on_rows_that_have_loss_tokens_and_gives_the_same_targets(tiny_prism, tiny_batch,
+                                                                                        monkeypatch):
+    module = tiny_prism()
+    mask = tiny_batch["response_mask"] & (tiny_batch["label"] > 0.5)[:, None]
+    seen = []
+    decoder_hidden = module.decoder_hidden
+    monkeypatch.setattr(module, "decoder_hidden", lambda ids, m: seen.append(ids.shape[0]) or decoder_hidden(ids, m))
+    args = (tiny_batch["teacher_ids"], tiny_batch["teacher_mask"], tiny_batch["teacher_pos"], mask)
+    values, index = module.teacher_targets(*args)
+    assert seen == [1]  # one of the two rows is a retain row: no teacher forward for it
+    monkeypatch.setattr("prism_lightning.modules.student.world_size", lambda: 2)  # several ranks: every row
+    all_values, all_index = module.teacher_targets(*args)
+    assert seen == [1, 2]
+    torch.testing.assert_close(values, all_values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(index, all_index) and values.shape == (int(mask.sum()), 64)

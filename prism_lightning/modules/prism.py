@@ -37,6 +37,8 @@ class PrismModule(DistillationStudent):
         placement: persona placement the corpus used (linked from ``data.placement``), recorded in the export.
         predict_decoding: decoding for ``prism predict``.
         divergence_limit: stop training when the gradient norm or a trainable weight's magnitude exceeds this.
+        gradient_checkpointing: recompute decoder activations in backward (memory of one layer, ~1 more forward).
+        head_chunk: response tokens whose vocabulary-wide logits exist at once in the loss.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
@@ -44,9 +46,9 @@ class PrismModule(DistillationStudent):
                  gate_lr: float = 1e-3, gate_dims: Sequence[int] = (128, 64), gate_weight: float = 1.0,
                  threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig(),
-                 divergence_limit: float = 1e4) -> None:
+                 divergence_limit: float = 1e4, gradient_checkpointing: bool = False, head_chunk: int = 1024) -> None:
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
-                         divergence_limit)
+                         divergence_limit, gradient_checkpointing, head_chunk)
         self.save_hyperparameters()
         self.placement = placement
         self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)
@@ -87,9 +89,9 @@ class PrismModule(DistillationStudent):
     def shared_step(self, batch: dict) -> tuple[dict, torch.Tensor]:
         """Student forward with the layer-0 hook: distillation losses, gate features."""
         with capture_layer0(self.model) as box:
-            logits = self.student_logits(batch)
+            hidden = self.student_hidden(batch)
         features = gather_positions(box["hidden"], batch["feature_pos"]).detach()
-        out = self.distill_loss(batch, logits)
+        out = self.distill_loss(batch, hidden)
         out["gate_loss"] = self.gate.loss(features, batch["label"])
         out["loss"] = out["loss"] + self.hparams.gate_weight * out["gate_loss"]
         return out, features

@@ -15,7 +15,7 @@ from prism_lightning.backbone import Backbone, BackboneConfig, check_base_model,
 from prism_lightning.distributed import all_gather_objects, local_tensor, world_size, zero3_partitioned
 from prism_lightning.divergence import check_gradient_norm, check_gradients, check_metric, check_weights
 from prism_lightning.errors import PrismError
-from prism_lightning.losses import kl_divergence, response_logits
+from prism_lightning.losses import chunked_topk_kl, kl_divergence, rows_at, teacher_topk
 from prism_lightning.strategies import offloads_optimizer
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -90,11 +90,17 @@ class DistillationStudent(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_ratio: share of steps with linear warmup.
         divergence_limit: stop training when the gradient norm or a trainable weight's magnitude exceeds this.
+        gradient_checkpointing: recompute each decoder layer's activations in backward instead of keeping them
+            (transformers' non-reentrant checkpointing): activation memory of one layer instead of all, for about
+            one more forward of compute. Off by default; on in the 7-8B configs.
+        head_chunk: response tokens whose vocabulary-wide logits exist at once in the loss (the LM head runs on
+            chunks of this many tokens and is recomputed in backward when there are several).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
                  temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
-                 weight_decay: float = 0.01, warmup_ratio: float = 0.1, divergence_limit: float = 1e4) -> None:
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.1, divergence_limit: float = 1e4,
+                 gradient_checkpointing: bool = False, head_chunk: int = 1024) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone_config = as_dataclass(BackboneConfig, backbone)
@@ -112,6 +118,12 @@ class DistillationStudent(L.LightningModule):
         if self.model is None:
             self.model = attach_lora(self.backbone, self.lora)
             self.model.train()  # the backbone was loaded in eval mode; LoRA dropout must be live in training
+        base = self.model.get_base_model()
+        if self.hparams.gradient_checkpointing and not base.is_activation_checkpointing:
+            # Non-reentrant: the frozen base's inputs carry no grad, which the reentrant variant would need.
+            base.activation_checkpointing_enable({"use_reentrant": False})
+        elif not self.hparams.gradient_checkpointing and base.is_activation_checkpointing:
+            base.activation_checkpointing_disable()  # the backbone is shared by the process: undo another module's
 
     def setup(self, stage: str) -> None:
         """Build the model here, before Lightning calls ``configure_model`` inside DeepSpeed's ``zero.Init``.
@@ -122,46 +134,83 @@ class DistillationStudent(L.LightningModule):
         """
         self.configure_model()
 
-    def student_logits(self, batch: dict) -> torch.Tensor:
-        """Full-sequence logits of base + LoRA on the persona-free inputs."""
-        return self.model(input_ids=batch["student_ids"], attention_mask=batch["student_mask"],
-                          use_cache=False).logits
+    def decoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, T, H] of base + LoRA; the LM head is applied later, only where a loss reads."""
+        decoder = self.model.get_base_model().get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states [..., H], with the final logit scaling or soft cap the model declares."""
+        base = self.model.get_base_model()
+        logits = base.get_output_embeddings()(hidden)
+        config = base.config
+        if getattr(config, "logit_scale", None):  # Cohere
+            logits = logits * config.logit_scale
+        if getattr(config, "final_logit_softcapping", None):  # Gemma 2
+            cap = config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def student_hidden(self, batch: dict) -> torch.Tensor:
+        """Hidden states of base + LoRA on the persona-free inputs."""
+        return self.decoder_hidden(batch["student_ids"], batch["student_mask"])
 
     @torch.no_grad()
-    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the frozen base (adapter disabled, dropout off) on ``input_ids``."""
+    def teacher_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The frozen base's targets (adapter disabled, dropout off) at the masked positions of ``input_ids``.
+
+        With ``top_k`` the teacher's k largest logits / T in fp32 and their indices ([N, k] each), the head applied
+        ``head_chunk`` tokens at a time; with ``top_k`` 0 its full logits [N, V] and None. In one process only the
+        rows with a masked token run a forward; with several ranks every row does (under ZeRO-3 every rank must run
+        the same forwards).
+        """
+        hp = self.hparams
+        rows = mask.any(1) if world_size() == 1 else torch.ones_like(mask[:, 0])
         was_training = self.model.training
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                hidden = self.decoder_hidden(input_ids[rows], attention_mask[rows])
+                selected = rows_at(hidden, positions[rows], mask[rows])
+                if not hp.top_k:
+                    return self.head_logits(selected), None
+                parts = [teacher_topk(self.head_logits(selected[start:start + hp.head_chunk]), hp.temperature,
+                                      hp.top_k) for start in range(0, selected.shape[0], hp.head_chunk)]
         finally:
             self.model.train(was_training)
+        return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
-    def distill_loss(self, batch: dict, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    def kl_term(self, student_hidden: torch.Tensor, batch: dict, mask: torch.Tensor, teacher_ids: torch.Tensor,
+                teacher_mask: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
+        """Mean per-token KL(teacher ‖ student) over the masked response tokens; 0 (on the graph) when none are."""
+        hp = self.hparams
+        if not mask.any():
+            if world_size() > 1:  # the other ranks run the teacher's forward: so does this one
+                self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
+            return student_hidden.sum() * 0.0
+        teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
+        student = rows_at(student_hidden, batch["student_pos"], mask)
+        if index is None:
+            return kl_divergence(teacher, self.head_logits(student), hp.temperature, None).mean()
+        return chunked_topk_kl(self.head_logits, student, teacher, index, hp.temperature, hp.head_chunk).mean()
+
+    def distill_loss(self, batch: dict, student_hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """KL on distill rows (teacher with persona) and, if weighted, on retain rows (teacher = base, no persona).
 
         With several ranks every rank runs the same forwards and reports the same keys whatever its batch holds:
         under ZeRO-3 each forward is a collective, and synced logs need the same keys on every rank.
         """
         hp = self.hparams
-        uniform = world_size() > 1
         distill_rows = batch["label"] > 0.5
-        student = response_logits(student_logits, batch["student_pos"])
-        out: dict[str, torch.Tensor] = {}
-        if distill_rows.any() or uniform:
-            teacher = response_logits(self.teacher_logits(batch["teacher_ids"], batch["teacher_mask"]),
-                                      batch["teacher_pos"])
-            mask = batch["response_mask"] & distill_rows[:, None]
-            out["kl"] = masked_kl(teacher, student, mask, hp.temperature, hp.top_k)
-        else:
-            out["kl"] = student.sum() * 0.0
+        mask = batch["response_mask"] & distill_rows[:, None]
+        out = {"kl": self.kl_term(student_hidden, batch, mask, batch["teacher_ids"], batch["teacher_mask"],
+                                  batch["teacher_pos"])}
         loss = out["kl"]
-        if hp.retain_weight > 0 and ((~distill_rows).any() or uniform):
-            base = response_logits(self.teacher_logits(batch["student_ids"], batch["student_mask"]),
-                                   batch["student_pos"])
+        if hp.retain_weight > 0:
             mask = batch["response_mask"] & ~distill_rows[:, None]
-            out["retain_kl"] = masked_kl(base, student, mask, hp.temperature, hp.top_k)
+            out["retain_kl"] = self.kl_term(student_hidden, batch, mask, batch["student_ids"], batch["student_mask"],
+                                            batch["student_pos"])
             loss = loss + hp.retain_weight * out["retain_kl"]
         out["loss"] = loss
         return out
@@ -214,14 +263,14 @@ class DistillationStudent(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One distillation step."""
-        out = self.distill_loss(batch, self.student_logits(batch))
+        out = self.distill_loss(batch, self.student_hidden(batch))
         self.check_finite(out["loss"], batch, batch_idx)
         self.log_dict({f"train/{k}": v for k, v in out.items()}, prog_bar=True, batch_size=len(batch["ids"]))
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out KL."""
-        out = self.distill_loss(batch, self.student_logits(batch))
+        out = self.distill_loss(batch, self.student_hidden(batch))
         self.check_validation(out, batch_idx)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
 
@@ -250,14 +299,6 @@ class DistillationStudent(L.LightningModule):
             problem = rng_state.restore(checkpoint.get("prism_rng"), trainer.global_rank, trainer.world_size)
             if problem:
                 rank_zero_warn(problem)
-
-
-def masked_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, temperature: float,
-              top_k: int) -> torch.Tensor:
-    """Mean KL over the masked response positions; 0 (still attached to the graph) when none are masked."""
-    if not mask.any():
-        return student.sum() * 0.0
-    return kl_divergence(teacher[mask], student[mask], temperature, top_k).mean()
 
 
 def adamw(params: Any, lr: float, weight_decay: float, trainer: Any = None) -> torch.optim.Optimizer:
