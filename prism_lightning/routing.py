@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,25 +55,36 @@ class GatedModel:
         return cls(backbone, peft_model, gate, float(g["threshold"]), float(g["temperature"]))
 
     @torch.no_grad()
-    def route(self, prompt_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Gate probabilities for tokenized prompts (a forward that stops after layer 0)."""
-        ids, mask = left_pad(prompt_ids, self.backbone.tokenizer.pad_token_id, self.backbone.device)
-        positions = torch.full((len(prompt_ids),), ids.shape[1] - 1, device=ids.device)  # left padding: last column
-        with self.model.disable_adapter():
-            features = layer0_features(self.model, ids, mask, positions)
-        return torch.sigmoid(self.gate(features) / self.temperature).cpu()
+    def route(self, prompt_ids: Sequence[Sequence[int]], batch_size: int = 16) -> torch.Tensor:
+        """Gate probabilities for tokenized prompts, in input order: layer-0-only forwards on batches of at most
+        ``batch_size`` prompts of similar length (a whole benchmark in one left-padded batch would not fit a 7B
+        model's memory)."""
+        probs = torch.empty(len(prompt_ids))
+        pad = self.backbone.tokenizer.pad_token_id
+        for index in length_batches(prompt_ids, batch_size):
+            ids, mask = left_pad([prompt_ids[i] for i in index], pad, self.backbone.device)
+            positions = torch.full((len(index),), ids.shape[1] - 1, device=ids.device)  # left padding: last column
+            with self.model.disable_adapter():
+                features = layer0_features(self.model, ids, mask, positions)
+            probs[index] = torch.sigmoid(self.gate(features) / self.temperature).float().cpu()
+        return probs
 
-    def routes(self, prompt_ids: Sequence[Sequence[int]], route: str = "gate") -> tuple[list[str], torch.Tensor]:
+    def routes(self, prompt_ids: Sequence[Sequence[int]], route: str = "gate",
+               batch_size: int = 16) -> tuple[list[str], torch.Tensor]:
         """PEFT adapter names per row (``__base__`` = untouched base) and the gate probabilities.
 
-        ``route``: ``gate`` (PRISM), ``adapter`` (always on: the ungated baseline) or ``base``.
+        ``route``: ``gate`` (PRISM), ``adapter`` (always on: the ungated baseline) or ``base``. A fixed route runs
+        no gate forward: its probabilities are NaN (reported as null).
         """
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-        probs = self.route(prompt_ids)
-        use = probs >= self.threshold if route == "gate" else torch.full_like(probs, route == "adapter",
-                                                                             dtype=torch.bool)
-        return [self.adapter_name if u else BASE for u in use.tolist()], probs
+        if route == "gate":
+            probs = self.route(prompt_ids, batch_size)
+            use = (probs >= self.threshold).tolist()
+        else:
+            probs = torch.full((len(prompt_ids),), float("nan"))
+            use = [route == "adapter"] * len(prompt_ids)
+        return [self.adapter_name if u else BASE for u in use], probs
 
     def prompt_ids(self, prompt: str, persona: Optional[str] = None, history: Sequence[tuple[str, str]] = (),
                    placement: Optional[str] = None) -> list[int]:
@@ -85,11 +98,11 @@ class GatedModel:
         out: list[Optional[dict]] = [None] * len(prompt_ids)
         for index in length_batches(prompt_ids, decoding.batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
-            names, probs = self.routes(chunk, route)
+            names, probs = self.routes(chunk, route, decoding.batch_size)
             results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + index[0],
                                      adapter_names=names, model=self.model)
             for i, r, p, n in zip(index, results, probs.tolist(), names):
-                out[i] = {**r, "probability": round(float(p), 4), "route": "base" if n == BASE else "adapter"}
+                out[i] = {**r, "probability": reported(p), "route": "base" if n == BASE else "adapter"}
         return out
 
     def generate(self, prompts: Sequence[str], decoding: DecodingConfig = DecodingConfig(),
@@ -106,10 +119,15 @@ class GatedModel:
         probs = torch.zeros(len(prompt_ids))
         for index in length_batches(prompt_ids, batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
-            names, p = self.routes(chunk, route)
+            names, p = self.routes(chunk, route, batch_size)
             values = token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device, chunk,
                                     tokens, tail, adapter_names=names)
             probs[index] = p
             for i, v in zip(index, values):
                 rows[i] = v
         return torch.stack(rows) if rows else torch.zeros(0, tail, len(tokens) if tokens is not None else len(self.backbone.tokenizer)), probs
+
+
+def reported(probability: float) -> Optional[float]:
+    """A gate probability as written to JSON: 4 decimals, or None where a fixed route ran no gate."""
+    return None if math.isnan(probability) else round(float(probability), 4)

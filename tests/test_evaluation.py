@@ -1427,3 +1427,35 @@ def test_expert_rows_use_the_runs_persona_placement(tmp_path, registry, gated, m
     system = formatter.prompt_ids(mmlu.prompt_text(questions["STEM"]), registry["stem"].text, "system")
     assert tuple(system) not in expected                                     # the placement really changes the prompt
     assert run.metrics({})["settings"]["placement"] == "user"
+
+
+def test_prism_test_never_runs_a_forward_on_more_than_one_batch_of_prompts(tmp_path, registry, gated):
+    """Issue #11: the gate's layer-0 pass once took a whole suite in one left-padded batch (MMLU n = 1000 → a
+    [1000, 667] batch, ~25 GB per layer-0 MLP intermediate on a 7B model). Every forward of every unit — gate,
+    scoring, generation, judge — must hold at most ``batch_size`` prompts."""
+    files = _benchmark_files(tmp_path)
+    cais = _write_cais(tmp_path / "mmlu", {"college_physics": [[f"p{i}", "a", "b", "c", "d", "A"] for i in range(14)],
+                                           "philosophy": [[f"h{i}", "a", "b", "c", "d", "B"] for i in range(9)]})
+    config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, decoding=DecodingConfig(max_new_tokens=2, batch_size=4),
+                             safety_max_new_tokens=2, batch_size=4, **files)
+    run = BenchmarkRun(config, registry, [], {})
+    rows = []
+    embed = gated.backbone.model.get_input_embeddings()
+    handle = embed.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        for unit in run.units():
+            run.run_unit(gated, unit)
+    finally:
+        handle.remove()
+    assert len(run.data["mmlu"]) == 23 and rows
+    assert max(rows) <= 4, sorted(rows)[-5:]
+
+
+def test_a_fixed_route_runs_no_gate_and_reports_no_probability(gated, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gated, "route", lambda *a, **k: calls.append(1))
+    ids = [gated.prompt_ids("hello"), gated.prompt_ids("what is 2 + 2?")]
+    names, probs = gated.routes(ids, "adapter")
+    assert calls == [] and torch.isnan(probs).all() and names == [gated.adapter_name] * 2
+    out = gated.generate_ids(ids, DecodingConfig(max_new_tokens=2), route="base")
+    assert calls == [] and [o["probability"] for o in out] == [None, None] and {o["route"] for o in out} == {"base"}

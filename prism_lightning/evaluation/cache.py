@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from prism_lightning.generation import DecodingConfig
-from prism_lightning.routing import BASE
+from prism_lightning.routing import BASE, reported
 
 # One work unit of the cache: about this many prompts per progress tick.
 _CHUNK = 64
@@ -35,8 +35,9 @@ class CachedGatedModel:
     def __getattr__(self, name: str):
         return getattr(self.model, name)
 
-    def _resolve(self, prompt_ids: Sequence[Sequence[int]], route: str) -> tuple[list[str], torch.Tensor]:
-        names, probs = self.model.routes(prompt_ids, route) if len(prompt_ids) else ([], torch.zeros(0))
+    def _resolve(self, prompt_ids: Sequence[Sequence[int]], route: str,
+                 batch_size: int) -> tuple[list[str], torch.Tensor]:
+        names, probs = self.model.routes(prompt_ids, route, batch_size) if len(prompt_ids) else ([], torch.zeros(0))
         return ["base" if n == BASE else "adapter" for n in names], probs
 
     def _fill(self, keys: list[tuple], prompt_ids: Sequence[Sequence[int]], taken: list[str],
@@ -58,7 +59,7 @@ class CachedGatedModel:
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], decoding: DecodingConfig = DecodingConfig(),
                      route: str = "gate") -> list[dict]:
         """Routed generation (see ``GatedModel.generate_ids``), each (route, prompt, decoding) generated once."""
-        taken, probs = self._resolve(prompt_ids, route)
+        taken, probs = self._resolve(prompt_ids, route, decoding.batch_size)
         keys = [("generate", t, decoding, tuple(ids)) for t, ids in zip(taken, prompt_ids)]
 
         def compute(ids: list[list[int]], forced: str) -> list[dict]:
@@ -66,12 +67,12 @@ class CachedGatedModel:
                     for r in self.model.generate_ids(ids, decoding, forced)]
 
         values = self._fill(keys, prompt_ids, taken, compute)
-        return [{**v, "probability": round(float(p), 4), "route": t} for v, p, t in zip(values, probs.tolist(), taken)]
+        return [{**v, "probability": reported(p), "route": t} for v, p, t in zip(values, probs.tolist(), taken)]
 
     def token_logprobs(self, prompt_ids: Sequence[Sequence[int]], tokens: Optional[Sequence[int]] = None,
                        route: str = "gate", batch_size: int = 16, tail: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Routed token log-probs (see ``GatedModel.token_logprobs``), each (route, prompt, tokens, tail) once."""
-        taken, probs = self._resolve(prompt_ids, route)
+        taken, probs = self._resolve(prompt_ids, route, batch_size)
         columns = tuple(tokens) if tokens is not None else None
         keys = [("logprobs", t, columns, tail, tuple(ids)) for t, ids in zip(taken, prompt_ids)]
 

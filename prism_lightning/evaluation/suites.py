@@ -81,7 +81,7 @@ def routed_logprobs(model, prompt_ids: list[list[int]], route: str, batch_size: 
     A choice reader appends the tokens of a choice prefix to the prompt; the gate must still see the prompt's
     last token, so the route is decided here once and forced for every forward.
     """
-    names, probs = model.routes(prompt_ids, route) if prompt_ids else ([], torch.zeros(0))
+    names, probs = model.routes(prompt_ids, route, batch_size) if prompt_ids else ([], torch.zeros(0))
     taken = ["base" if n == BASE else "adapter" for n in names]
 
     def logprobs(prompts, tokens, tail):
