@@ -188,9 +188,11 @@ class PrismCLI(LightningCLI):
         self.resolve_ckpt_path()
 
     def add_arguments_to_parser(self, parser) -> None:
-        """One backbone and placement for data and model: defined under ``data``, linked to ``model``."""
+        """One backbone and placement for data and model (defined under ``data``), one top-k (under ``model``)."""
         parser.link_arguments("data.backbone", "model.init_args.backbone", apply_on="parse")
         parser.link_arguments("data.placement", "model.init_args.placement", apply_on="parse")
+        # The cached teacher keeps the k the loss reads: defined on the model, linked to the data.
+        parser.link_arguments("model.init_args.top_k", "data.teacher_top_k", apply_on="parse")
 
     def before_predict(self) -> None:
         """Resolve the checkpoint; write predictions to JSONL unless the user configured a writer."""

@@ -24,6 +24,8 @@ from prism_lightning.jsonl import read_jsonl_numbered
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.progress import announce
 from prism_lightning.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
+from prism_lightning.generation import right_pad
+from prism_lightning.teacher_cache import TeacherCache, TeacherMode, build_teacher_cache, item_key
 from prism_lightning.teacher_text import TeacherText, teacher_texts
 
 
@@ -47,6 +49,7 @@ class Collator:
     formatter: ChatFormatter
     persona_texts: dict[str, str]
     max_length: int = 512
+    teacher_cache: Optional[TeacherCache] = None  # adds the distill rows' cached teacher top-k to each batch
 
     def encode_item(self, item: dict) -> dict:
         """Student and teacher encodings of one item; retain items use the baseline answer and no persona."""
@@ -75,26 +78,31 @@ class Collator:
         pad = self.formatter.tokenizer.pad_token_id
         r = max(e["n_resp"] for e in enc)
 
-        def pad_right(key: str) -> tuple[torch.Tensor, torch.Tensor]:
-            width = max(len(e[key]) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for row, e in enumerate(enc):
-                ids[row, :len(e[key])] = torch.tensor(e[key])
-                mask[row, :len(e[key])] = 1
-            return ids, mask
-
         steps = torch.arange(r)
         resp_mask = torch.stack([steps < e["n_resp"] for e in enc])
         # The logit at position p predicts token p + 1, so response token t is predicted at start + t - 1.
         s_pos = torch.stack([(e["s_start"] - 1 + steps).clamp(max=len(e["student"]) - 1) for e in enc])
         t_pos = torch.stack([(e["t_start"] - 1 + steps).clamp(max=len(e["teacher"]) - 1) for e in enc])
-        s_ids, s_mask = pad_right("student")
-        t_ids, t_mask = pad_right("teacher")
-        return {"student_ids": s_ids, "student_mask": s_mask, "teacher_ids": t_ids, "teacher_mask": t_mask,
-                "student_pos": s_pos, "teacher_pos": t_pos, "response_mask": resp_mask,
-                "feature_pos": torch.tensor([e["s_start"] - 1 for e in enc]),
-                "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc]}
+        s_ids, s_mask = right_pad([e["student"] for e in enc], pad)
+        t_ids, t_mask = right_pad([e["teacher"] for e in enc], pad)
+        batch = {"student_ids": s_ids, "student_mask": s_mask, "teacher_ids": t_ids, "teacher_mask": t_mask,
+                 "student_pos": s_pos, "teacher_pos": t_pos, "response_mask": resp_mask,
+                 "feature_pos": torch.tensor([e["s_start"] - 1 for e in enc]),
+                 "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc]}
+        if self.teacher_cache is not None:
+            batch.update(self.cached_targets(enc, r))
+        return batch
+
+    def cached_targets(self, enc: list[dict], width: int) -> dict[str, torch.Tensor]:
+        """The distill rows' cached teacher top-k, [B, R, k] raw logits and indices (zeros on retain rows)."""
+        rows = {n: self.teacher_cache.targets(item_key(e["id"], e["teacher"], e["n_resp"]))
+                for n, e in enumerate(enc) if e["label"] > 0.5}
+        k = next(iter(rows.values()))[0].shape[-1] if rows else 1
+        values = torch.zeros(len(enc), width, k)
+        index = torch.zeros(len(enc), width, k, dtype=torch.long)
+        for n, (v, i) in rows.items():
+            values[n, :v.shape[0]], index[n, :i.shape[0]] = v, i
+        return {"teacher_values": values, "teacher_index": index}
 
 
 class BootstrapDataModule(L.LightningDataModule):
@@ -118,6 +126,11 @@ class BootstrapDataModule(L.LightningDataModule):
         teacher_text: ``corpus`` (the persona texts recorded with the corpus; a differing config text is an
             error) or ``config`` (distil the configured texts anyway, logged).
         benchmark: what ``prism test`` evaluates (MMLU, MT-Bench, safety sets, preference).
+        teacher: ``online`` (the teacher forward runs in every training step) or ``cached`` (each distill item's
+            teacher top-k is computed once, before training, into a resumable stage file beside the corpus; a
+            step then costs about a plain LoRA step). The loss is the same either way.
+        teacher_top_k: the k the cache keeps (linked from ``model.top_k``; 0 = full vocabulary, which ``cached``
+            refuses).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
@@ -126,7 +139,8 @@ class BootstrapDataModule(L.LightningDataModule):
                  corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
                  predict_file: Optional[str] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
-                 teacher_text: TeacherText = "corpus") -> None:
+                 teacher_text: TeacherText = "corpus", teacher: TeacherMode = "online",
+                 teacher_top_k: int = 64) -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -137,6 +151,8 @@ class BootstrapDataModule(L.LightningDataModule):
         self.bootstrap, self.predict_file = bootstrap, predict_file
         self.benchmark_config = benchmark
         self.teacher_text = teacher_text
+        self.teacher, self.teacher_top_k = teacher, teacher_top_k
+        self.teacher_cache: Optional[TeacherCache] = None
         self.teacher_texts: dict[str, str] = {}
         check_data(self, benchmark)
         self.benchmark: Optional[BenchmarkRun] = None
@@ -179,6 +195,8 @@ class BootstrapDataModule(L.LightningDataModule):
         self.teacher_texts = teacher_texts(self.corpus, PersonaRegistry.from_config(self.persona_config),
                                            self.teacher_text)
         self.train_items, self.val_items = stratified_split(self.corpus.items, self.val_fraction, self.seed)
+        if stage == "fit" and self.teacher == "cached":
+            self.teacher_cache = self.build_teacher_cache()
         if stage == "test":
             # Expert-prompting rows are a baseline: they prompt with every built-in domain's persona (at the run's
             # granularity) whether or not this run distilled it, so no category silently falls back to no persona.
@@ -190,9 +208,20 @@ class BootstrapDataModule(L.LightningDataModule):
             (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))
 
     def collator(self) -> Collator:
-        """The collate function, with this run's tokenizer, placement and persona texts."""
+        """The collate function, with this run's tokenizer, placement, persona texts and cached teacher (if any)."""
         tokenizer = load_backbone(self.backbone_config).tokenizer
-        return Collator(ChatFormatter(tokenizer, self.placement), self.teacher_texts, self.max_length)
+        return Collator(ChatFormatter(tokenizer, self.placement), self.teacher_texts, self.max_length,
+                        self.teacher_cache)
+
+    def build_teacher_cache(self) -> TeacherCache:
+        """``teacher: cached``: compute (or finish) the teacher top-k of every distill item, train and held out."""
+        collate = self.collator()
+        encoded = [collate.encode_item(i) for i in self.train_items + self.val_items if i["label"] == 1]
+        if Shard.current().rank == 0:
+            announce("teacher cache", f"top-{self.teacher_top_k} teacher targets of {len(encoded)} distill items "
+                                      f"(finished ones are reused)")
+        return build_teacher_cache(load_backbone(self.backbone_config), encoded, self.teacher_top_k,
+                                   self.resolve_corpus_dir(), self.batch_size)
 
     def replicas(self) -> tuple[int, int]:
         """(world size, this process's rank) of the run these loaders feed; (1, 0) outside a Trainer."""

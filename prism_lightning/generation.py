@@ -68,6 +68,19 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
     return ids.to(device), mask.to(device)
 
 
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int,
+              device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into (input_ids, attention_mask): each row keeps the positions it has alone (the
+    training layout; causal attention never reads the padding after a row's tokens)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def length_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first, so left padding wastes little compute."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)

@@ -15,6 +15,7 @@ from prism_lightning.backbone import Backbone, BackboneConfig, check_base_model,
 from prism_lightning.distributed import all_gather_objects, local_tensor, world_size, zero3_partitioned
 from prism_lightning.divergence import check_gradient_norm, check_gradients, check_metric, check_weights
 from prism_lightning.errors import PrismError
+from prism_lightning.lm_head import decoder_hidden, head_logits
 from prism_lightning.losses import chunked_topk_kl, kl_divergence, rows_at, teacher_topk
 from prism_lightning.strategies import offloads_optimizer
 
@@ -136,20 +137,11 @@ class DistillationStudent(L.LightningModule):
 
     def decoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Last hidden states [B, T, H] of base + LoRA; the LM head is applied later, only where a loss reads."""
-        decoder = self.model.get_base_model().get_decoder()
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return decoder_hidden(self.model, input_ids, attention_mask)
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on hidden states [..., H], with the final logit scaling or soft cap the model declares."""
-        base = self.model.get_base_model()
-        logits = base.get_output_embeddings()(hidden)
-        config = base.config
-        if getattr(config, "logit_scale", None):  # Cohere
-            logits = logits * config.logit_scale
-        if getattr(config, "final_logit_softcapping", None):  # Gemma 2
-            cap = config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        """The LM head (with the model's final logit scaling) on hidden states [..., H]."""
+        return head_logits(self.model, hidden)
 
     def student_hidden(self, batch: dict) -> torch.Tensor:
         """Hidden states of base + LoRA on the persona-free inputs."""
@@ -182,14 +174,23 @@ class DistillationStudent(L.LightningModule):
         return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
     def kl_term(self, student_hidden: torch.Tensor, batch: dict, mask: torch.Tensor, teacher_ids: torch.Tensor,
-                teacher_mask: torch.Tensor, teacher_pos: torch.Tensor) -> torch.Tensor:
-        """Mean per-token KL(teacher ‖ student) over the masked response tokens; 0 (on the graph) when none are."""
+                teacher_mask: torch.Tensor, teacher_pos: torch.Tensor, cached: bool = False) -> torch.Tensor:
+        """Mean per-token KL(teacher ‖ student) over the masked response tokens; 0 (on the graph) when none are.
+
+        ``cached``: the batch carries the teacher's top-k (``data.teacher: cached``), so no teacher forward runs.
+        """
         hp = self.hparams
         if not mask.any():
-            if world_size() > 1:  # the other ranks run the teacher's forward: so does this one
+            if world_size() > 1 and not cached:  # the other ranks run the teacher's forward: so does this one
                 self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
             return student_hidden.sum() * 0.0
-        teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
+        if cached:
+            teacher, index = batch["teacher_values"][mask].float() / hp.temperature, batch["teacher_index"][mask]
+            if index.shape[-1] != hp.top_k:
+                raise PrismError(f"the cached teacher holds top-{index.shape[-1]} targets but model.top_k is "
+                                 f"{hp.top_k}; build the cache with the same k (the CLI links them)")
+        else:
+            teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
         student = rows_at(student_hidden, batch["student_pos"], mask)
         if index is None:
             return kl_divergence(teacher, self.head_logits(student), hp.temperature, None).mean()
@@ -205,7 +206,7 @@ class DistillationStudent(L.LightningModule):
         distill_rows = batch["label"] > 0.5
         mask = batch["response_mask"] & distill_rows[:, None]
         out = {"kl": self.kl_term(student_hidden, batch, mask, batch["teacher_ids"], batch["teacher_mask"],
-                                  batch["teacher_pos"])}
+                                  batch["teacher_pos"], cached="teacher_values" in batch)}
         loss = out["kl"]
         if hp.retain_weight > 0:
             mask = batch["response_mask"] & ~distill_rows[:, None]
