@@ -27,8 +27,8 @@ the per-round ratios (the two variants of a round ran back to back); the ratio o
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import copy
+from pathlib import Path
 
 from _common import (environment, rounds_note, QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
                      write_results)
