@@ -235,6 +235,16 @@ def load_backbone(config: BackboneConfig) -> Backbone:
     return backbone
 
 
+def release_backbone(config: BackboneConfig) -> None:
+    """Drop a model from the per-process cache and return its accelerator memory (a caller's references aside)."""
+    if _LOADED.pop(cache_key(config), None) is not None:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def check_base_model(recorded: Optional[dict], backbone: Backbone, what: str) -> None:
     """Raise when ``recorded`` names different base weights than the loaded backbone."""
     if recorded is None:

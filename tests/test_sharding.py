@@ -151,3 +151,23 @@ def test_more_ranks_on_a_node_than_gpus_is_one_clear_line(monkeypatch):
     with pytest.raises(PrismError, match="LOCAL_RANK 1, but this node shows 1 GPU"):
         with process_group():
             pass
+
+
+def test_a_separate_judge_is_released_once_the_corpus_is_built(tiny_backbones, tmp_path):
+    """An R1 config names a second model as judge; training never uses it, so it must not stay resident."""
+    from prism_lightning import backbone as bb
+    from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+    from prism_lightning.generation import DecodingConfig
+    from prism_lightning.personas import PersonaConfig
+
+    base, judge = tiny_backbones(seed=0), tiny_backbones(seed=1)
+    builder = CorpusBuilder(base.config, PersonaConfig(names=["math", "writing"], granularity="min"),
+                            QueryConfig(per_persona=2, max_rounds=1, min_chars=1, min_words=1,
+                                        decoding=DecodingConfig(temperature=0.9, max_new_tokens=12, batch_size=4)),
+                            AnswerConfig(decoding=DecodingConfig(temperature=0.7, max_new_tokens=8, batch_size=4)),
+                            JudgeConfig(model=judge.config, control_pairs=2, batch_size=4, max_answer_tokens=8,
+                                        min_choice_mass=0.0),
+                            "system", tmp_path / "corpus")
+    corpus = builder.build()
+    assert corpus.manifest["judge"]["model"]["fingerprint"] == judge.fingerprint
+    assert bb.cache_key(judge.config) not in bb._LOADED and bb.cache_key(base.config) in bb._LOADED

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone
+from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
 from prism_lightning.bootstrap.answers import BASELINE, answer_personas, run_answers
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
 from prism_lightning.bootstrap.judge import Judge, verdict_sequences
@@ -163,6 +163,10 @@ class CorpusBuilder:
 
         shard.together(write)  # every rank returns once the corpus is on disk
         manifest = shard.gather(manifest)[0]  # rank 0's, as written (the others measured their own seconds)
+        if judge_backbone is not backbone:
+            # A separate judge (e.g. beside an R1 model) would otherwise stay resident through training.
+            del judge_backbone
+            release_backbone(self.judge.model)
         return Corpus(self.directory, items, manifest)
 
     def _reused_stage_facts(self, hashes: dict, measured: dict, world: int) -> tuple[dict, dict]:
