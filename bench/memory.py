@@ -12,7 +12,8 @@ A step is the student forward, the distillation loss (teacher forward inside), a
 items that are all distill items (the case where every row needs the teacher), each cut to ``tokens`` teacher
 tokens. Variants: ``before`` = the path this code had before issue #11 (full-sequence, full-vocabulary logits for
 student and teacher, gathered at the response positions, fp32 copies, top-k), reproduced here; ``after`` =
-``PrismModule.distill_loss`` as it is now; ``after+gc`` = the same with gradient checkpointing.
+``PrismModule.distill_loss`` as it is now; ``after+gc`` = the same with gradient checkpointing; ``cached+gc`` = the
+same with ``data.teacher: cached`` (the teacher's top-k built before the step, so no teacher forward in it).
 
 Each variant runs in a fresh child process (an allocator that has cached memory for one variant would hide the
 other's peak). Peak = on CUDA, ``max_memory_allocated`` during the step minus the memory allocated before it; on
@@ -126,14 +127,23 @@ def child(args: argparse.Namespace) -> None:
         materialise_random(backbone, device)
     torch.manual_seed(0)
     module = PrismModule(backbone=backbone, lora=LoraSettings(rank=16, alpha=32, dropout=0.0),
-                         gradient_checkpointing=args.variant == "after+gc", top_k=64)
+                         gradient_checkpointing=args.variant.endswith("+gc"), top_k=64)
     module.configure_model()
     module.to(device).train()
     tokenizer = load_backbone(backbone).tokenizer
     filler = " ".join(["the proof follows from the previous step and the definition"] * (args.tokens // 8))
     items = [{"id": f"i{k}", "label": 1, "target_persona": "math", "query": f"Question {k}: why is {k} + 1 > {k}?",
               "persona_answer": f"{k}. {filler}", "baseline_answer": "-"} for k in range(args.rows)]
-    batch = Collator(ChatFormatter(tokenizer), {"math": PERSONA}, max_length=args.tokens)(items)
+    collate = Collator(ChatFormatter(tokenizer), {"math": PERSONA}, max_length=args.tokens)
+    if args.variant.startswith("cached"):
+        import tempfile
+
+        from prism_lightning.teacher_cache import build_teacher_cache
+
+        with tempfile.TemporaryDirectory() as cache_dir:
+            collate.teacher_cache = build_teacher_cache(load_backbone(backbone), [collate.encode_item(i) for i in items],
+                                                        64, Path(cache_dir), batch_size=args.rows)
+    batch = collate(items)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     tokens = int(batch["student_mask"].sum() + batch["teacher_mask"].sum())
 
@@ -144,6 +154,8 @@ def child(args: argparse.Namespace) -> None:
         return float(loss)
 
     if device.type == "cuda":
+        step()  # warm-up (kernel selection, allocator); the measured step is the second
+        module.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -160,7 +172,8 @@ def child(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         peak = (status_kib("VmHWM") - base) * 1024
     print(json.dumps({"peak_mib": round(peak / 2 ** 20, 1), "loss": loss, "seconds": round(seconds, 2),
-                      "tokens": tokens, "teacher_shape": list(batch["teacher_ids"].shape)}))
+                      "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+                      "teacher_shape": list(batch["teacher_ids"].shape)}))
 
 
 def materialise_random(backbone: Any, device: Any) -> None:
@@ -192,7 +205,8 @@ def main() -> None:
     """Run every (model, variant) in a child process, check the losses agree, print and save the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), action="append")
-    parser.add_argument("--variants", default="before,after,after+gc")
+    parser.add_argument("--variants", default="before,after,after+gc", help="any of before, after, after+gc, "
+                                                                             "cached+gc (comma-separated)")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--dtype", default="float32")

@@ -46,18 +46,21 @@ def kl_on_support(teacher: torch.Tensor, student: torch.Tensor, temperature: flo
 
 
 def chunked_topk_kl(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, teacher: torch.Tensor,
-                    index: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+                    index: torch.Tensor, temperature: float, chunk: int,
+                    chunks: Optional[int] = None) -> torch.Tensor:
     """Per-token top-k KL with the student's logits ``head(hidden)`` built ``chunk`` tokens at a time: [N].
 
     With more than one chunk each is checkpointed, so backward recomputes its logits instead of keeping
-    N × V of them; at most ``chunk`` × V student logits exist at once. ``teacher``/``index`` come from
+    N × V of them; at most ``chunk`` × V student logits exist at once. ``chunks`` (≥ what N needs) runs that many,
+    the extra ones empty (ranks that must call the head equally often). ``teacher``/``index`` come from
     :func:`teacher_topk`.
     """
-    if hidden.shape[0] <= chunk:
+    chunks = chunks or max(1, -(-hidden.shape[0] // chunk))
+    if chunks == 1:
         return _chunk_kl(head, hidden, teacher, index, temperature)
-    parts = [checkpoint(_chunk_kl, head, hidden[start:start + chunk], teacher[start:start + chunk],
-                        index[start:start + chunk], temperature, use_reentrant=False)
-             for start in range(0, hidden.shape[0], chunk)]
+    parts = [checkpoint(_chunk_kl, head, hidden[c * chunk:(c + 1) * chunk], teacher[c * chunk:(c + 1) * chunk],
+                        index[c * chunk:(c + 1) * chunk], temperature, use_reentrant=False)
+             for c in range(chunks)]
     return torch.cat(parts)
 
 

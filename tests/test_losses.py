@@ -167,3 +167,23 @@ def test_rows_at_reads_the_masked_response_positions_in_row_major_order():
     mask = torch.tensor([[True, True, False], [False, True, True]])
     expected = response_logits(hidden, positions)[mask]
     torch.testing.assert_close(rows_at(hidden, positions, mask), expected)
+
+
+def test_extra_empty_chunks_change_nothing_and_an_empty_input_gives_an_empty_result():
+    """Under ZeRO-3 a rank runs as many head chunks as the busiest rank: the extra ones are empty."""
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(16, V, bias=False)
+    hidden = torch.randn(N, 16, generator=g)
+    values, index = teacher_topk(_logits(0), 2.0, 64)
+    calls = []
+
+    def counted(h):
+        calls.append(h.shape[0])
+        return head(h)
+
+    exact = chunked_topk_kl(head, hidden, values, index, 2.0, 4)
+    padded = chunked_topk_kl(counted, hidden, values, index, 2.0, 4, chunks=5)
+    torch.testing.assert_close(padded, exact)
+    assert calls == [4, 2, 0, 0, 0]
+    empty = chunked_topk_kl(head, hidden[:0], values[:0], index[:0], 2.0, 4, chunks=2)
+    assert empty.shape == (0,)

@@ -484,3 +484,17 @@ def test_the_teacher_runs_only_on_rows_that_have_loss_tokens_and_gives_the_same_
     assert seen == [1, 2]
     torch.testing.assert_close(values, all_values, rtol=1e-5, atol=1e-5)
     assert torch.equal(index, all_index) and values.shape == (int(mask.sum()), 64)
+
+
+def test_with_several_ranks_a_batch_without_loss_tokens_still_runs_the_teacher(tiny_prism, tiny_backbone,
+                                                                                monkeypatch):
+    """Under ZeRO-3 every rank must run the same forwards: a rank whose batch holds only retain rows runs the
+    teacher (on no tokens) and gets a zero KL on the graph, instead of failing to concatenate nothing."""
+    module = tiny_prism()
+    batch = Collator(ChatFormatter(tiny_backbone.tokenizer), PERSONAS)([ITEMS[2]])  # a retain row only
+    calls = []
+    targets = module.teacher_targets
+    monkeypatch.setattr(module, "teacher_targets", lambda *a: calls.append(1) or targets(*a))
+    monkeypatch.setattr("prism_lightning.modules.student.world_size", lambda: 2)
+    out = module.distill_loss(batch, module.student_hidden(batch))
+    assert calls == [1] and out["kl"].item() == 0.0 and out["kl"].requires_grad

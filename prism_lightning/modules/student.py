@@ -149,13 +149,13 @@ class DistillationStudent(L.LightningModule):
 
     @torch.no_grad()
     def teacher_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                        mask: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The frozen base's targets (adapter disabled, dropout off) at the masked positions of ``input_ids``.
 
         With ``top_k`` the teacher's k largest logits / T in fp32 and their indices ([N, k] each), the head applied
-        ``head_chunk`` tokens at a time; with ``top_k`` 0 its full logits [N, V] and None. In one process only the
-        rows with a masked token run a forward; with several ranks every row does (under ZeRO-3 every rank must run
-        the same forwards).
+        in ``chunks`` chunks of ``head_chunk`` tokens (some empty when a rank has fewer tokens than another); with
+        ``top_k`` 0 its full logits [N, V] and None. In one process only the rows with a masked token run a
+        forward; with several ranks every row does (under ZeRO-3 every rank must run the same forwards).
         """
         hp = self.hparams
         rows = mask.any(1) if world_size() == 1 else torch.ones_like(mask[:, 0])
@@ -167,34 +167,48 @@ class DistillationStudent(L.LightningModule):
                 selected = rows_at(hidden, positions[rows], mask[rows])
                 if not hp.top_k:
                     return self.head_logits(selected), None
-                parts = [teacher_topk(self.head_logits(selected[start:start + hp.head_chunk]), hp.temperature,
-                                      hp.top_k) for start in range(0, selected.shape[0], hp.head_chunk)]
+                step = hp.head_chunk
+                parts = [teacher_topk(self.head_logits(selected[c * step:(c + 1) * step]), hp.temperature, hp.top_k)
+                         for c in range(chunks)]
         finally:
             self.model.train(was_training)
         return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
+
+    def loss_chunks(self, tokens: int) -> int:
+        """LM-head chunks for ``tokens`` loss tokens; under ZeRO-3 the largest count of any rank.
+
+        Each forward of a ZeRO-3 partitioned module is a collective, so every rank must run the head equally often
+        (in forward and in the checkpointed recompute): a rank with fewer tokens runs some chunks empty.
+        """
+        chunks = max(1, math.ceil(tokens / self.hparams.head_chunk))
+        return max(all_gather_objects(chunks)) if zero3_partitioned(self.model) else chunks
 
     def kl_term(self, student_hidden: torch.Tensor, batch: dict, mask: torch.Tensor, teacher_ids: torch.Tensor,
                 teacher_mask: torch.Tensor, teacher_pos: torch.Tensor, cached: bool = False) -> torch.Tensor:
         """Mean per-token KL(teacher ‖ student) over the masked response tokens; 0 (on the graph) when none are.
 
         ``cached``: the batch carries the teacher's top-k (``data.teacher: cached``), so no teacher forward runs.
+        With several ranks a rank without loss tokens still runs every forward the others run, on nothing.
         """
         hp = self.hparams
-        if not mask.any():
-            if world_size() > 1 and not cached:  # the other ranks run the teacher's forward: so does this one
-                self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
+        tokens = int(mask.sum())
+        if not tokens and world_size() == 1:
             return student_hidden.sum() * 0.0
+        chunks = self.loss_chunks(tokens)
         if cached:
             teacher, index = batch["teacher_values"][mask].float() / hp.temperature, batch["teacher_index"][mask]
-            if index.shape[-1] != hp.top_k:
+            if tokens and index.shape[-1] != hp.top_k:
                 raise PrismError(f"the cached teacher holds top-{index.shape[-1]} targets but model.top_k is "
                                  f"{hp.top_k}; build the cache with the same k (the CLI links them)")
         else:
-            teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask)
+            teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask, chunks)
         student = rows_at(student_hidden, batch["student_pos"], mask)
         if index is None:
-            return kl_divergence(teacher, self.head_logits(student), hp.temperature, None).mean()
-        return chunked_topk_kl(self.head_logits, student, teacher, index, hp.temperature, hp.head_chunk).mean()
+            per_token = kl_divergence(teacher, self.head_logits(student), hp.temperature, None)
+        else:
+            per_token = chunked_topk_kl(self.head_logits, student, teacher, index, hp.temperature, hp.head_chunk,
+                                        chunks)
+        return per_token.mean() if tokens else (per_token.sum() + student_hidden.sum()) * 0.0
 
     def distill_loss(self, batch: dict, student_hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         """KL on distill rows (teacher with persona) and, if weighted, on retain rows (teacher = base, no persona).
