@@ -33,7 +33,7 @@ from pathlib import Path
 from _common import (environment, rounds_note, QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
                      write_results)
 
-TARGETS = {"a": ("<=", 1.03), "b": (">=", 6.0), "c": ("<=", 1.4), "c-cached": ("<=", 1.1)}
+TARGETS = {"a": ("<=", 1.03), "a-half": ("<=", 1.05), "b": (">=", 6.0), "c": ("<=", 1.4), "c-cached": ("<=", 1.1)}
 ADAPTER, BASE = "prism", "__base__"
 
 
@@ -92,16 +92,20 @@ def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
     def gated_half_run() -> list[dict]:
         return half.generate(QUESTIONS, decoding, route="gate")
 
+    def all_adapter_run() -> list[dict]:  # the batch the half-routed one replaces: every row on the adapter
+        return gated.generate(QUESTIONS, decoding, route="adapter")
+
     def base_run() -> list[dict]:  # formatting included on both sides: GatedModel.generate formats too
         with peft_model.disable_adapter():
             return generate_batch(bb, [formatter.prompt_ids(q) for q in QUESTIONS], decoding)
 
     print(f"(a) gated generation vs base generation (adapter disabled): 16 prompts, greedy, {new_tokens} new tokens, "
           "batch 16")
-    timing = interleaved({"gated": gated_run, "base_adapter_disabled": base_run, "gated_half_routed": gated_half_run},
-                         reps=reps)
-    g, b, h = timing["gated"], timing["base_adapter_disabled"], timing["gated_half_routed"]
+    timing = interleaved({"gated": gated_run, "base_adapter_disabled": base_run, "gated_half_routed": gated_half_run,
+                          "all_adapter": all_adapter_run}, reps=reps)
+    g, b, h, al = timing["gated"], timing["base_adapter_disabled"], timing["gated_half_routed"], timing["all_adapter"]
     ratio_half = paired_ratios(h["times_s"], b["times_s"])
+    half_vs_all = paired_ratios(h["times_s"], al["times_s"])
     routed_half = sum(r["route"] == "adapter" for r in h["result"])
     ratio = paired_ratios(g["times_s"], b["times_s"])
     routed = sum(r["route"] == "adapter" for r in g["result"])
@@ -117,11 +121,15 @@ def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
           f"{verdict('a', value)}); "
           f"gate routed {routed}/16 rows to the adapter; identical texts {same}/16")
     print(f"informative: gated with {routed_half}/16 rows routed / base = {ratio_half['median_of_pairs']:.3f} median "
-          f"of paired reps (ratio of medians {ratio_half['ratio_of_medians']:.3f})\n")
+          f"of paired reps (ratio of medians {ratio_half['ratio_of_medians']:.3f})")
+    print(f"gated with {routed_half}/16 rows routed / all 16 on the adapter = {half_vs_all['median_of_pairs']:.3f} "
+          f"({verdict('a-half', half_vs_all['median_of_pairs'])})\n")
     return {"description": "GatedModel.generate(route='gate') / generate_batch with peft_model.disable_adapter()",
             "timing": strip_results(timing), "clean": timing.rounds["clean"], "ratio": ratio, "value": value, "rows_routed_to_adapter": routed,
             "half_routed": {"rows_routed_to_adapter": routed_half, "ratio": ratio_half,
-                            "value": ratio_half["median_of_pairs"]},
+                            "value": ratio_half["median_of_pairs"], "over_all_adapter": half_vs_all,
+                            "target": {"op": "<=", "bound": TARGETS["a-half"][1],
+                                       "met": met("a-half", half_vs_all["median_of_pairs"])}},
             "identical_texts": same, "generated_tokens": {"gated": tokens(g["result"]),
                                                           "base": tokens(b["result"])},
             "target": {"op": "<=", "bound": TARGETS["a"][1], "met": met("a", value)}}

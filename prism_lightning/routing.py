@@ -15,6 +15,7 @@ from prism_lightning.export import ADAPTER_DIR, GATE_FILE, check_adapter_weights
 from prism_lightning.features import layer0_features
 from prism_lightning.generation import DecodingConfig, generate_batch, left_pad, length_batches, token_logprobs
 from prism_lightning.gate_mlp import GateMLP
+from prism_lightning.row_routing import rows_on_adapter
 
 ADAPTER = "prism"
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches
@@ -99,8 +100,9 @@ class GatedModel:
         for index in length_batches(prompt_ids, decoding.batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
             names, probs = self.routes(chunk, route, decoding.batch_size)
-            results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + index[0],
-                                     adapter_names=names, model=self.model)
+            with rows_on_adapter(self.model, self.adapter_name, [n != BASE for n in names]) as routed:
+                results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + index[0],
+                                         model=self.model, **routed)
             for i, r, p, n in zip(index, results, probs.tolist(), names):
                 out[i] = {**r, "probability": reported(p), "route": "base" if n == BASE else "adapter"}
         return out
@@ -120,8 +122,9 @@ class GatedModel:
         for index in length_batches(prompt_ids, batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
             names, p = self.routes(chunk, route, batch_size)
-            values = token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device, chunk,
-                                    tokens, tail, adapter_names=names)
+            with rows_on_adapter(self.model, self.adapter_name, [n != BASE for n in names]) as routed:
+                values = token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                                        chunk, tokens, tail, **routed)
             probs[index] = p
             for i, v in zip(index, values):
                 rows[i] = v

@@ -223,3 +223,27 @@ def test_module_gated_matches_the_exported_model(tiny_backbones, tmp_path):
     loaded = exported.generate(prompts, DECODING, route="adapter")
     assert [r["text"] for r in loaded] == [r["text"] for r in live]
     assert [r["probability"] for r in loaded] == live_probs
+
+
+@torch.no_grad()
+def test_per_row_lora_scaling_gives_peft_mixed_batch_logits_and_restores_the_adapter(gated):
+    """GatedModel's mixed batches scale each row's LoRA delta by 1 or 0 (no sub-batch gather/scatter per module):
+    the same logits as PEFT's adapter_names path, and the adapter is untouched afterwards."""
+    from prism_lightning.row_routing import lora_layers, rows_on_adapter
+
+    gm, _ = gated
+    ids, mask = left_pad(_prompt_ids(gm), gm.backbone.tokenizer.pad_token_id, gm.backbone.device)
+    valid = mask.bool()
+    use = [True, False, True, False]
+    names = [gm.adapter_name if u else BASE for u in use]
+    reference = gm.model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    before = [m.scaling[gm.adapter_name] for m in lora_layers(gm.model, gm.adapter_name)]
+    with rows_on_adapter(gm.model, gm.adapter_name, use) as extra:
+        assert extra == {}
+        scaled = gm.model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(scaled[valid], reference[valid], atol=1e-5, rtol=0)
+    assert [m.scaling[gm.adapter_name] for m in lora_layers(gm.model, gm.adapter_name)] == before and before
+    with gm.model.disable_adapter():
+        base = gm.model(input_ids=ids, attention_mask=mask).logits
+    with rows_on_adapter(gm.model, gm.adapter_name, [False] * 4):  # all base: the adapter-disabled path
+        torch.testing.assert_close(gm.model(input_ids=ids, attention_mask=mask).logits, base)
