@@ -134,10 +134,21 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        flat = tensor.detach().flatten().to(torch.bfloat16).to(torch.float32)
-        h.update(flat[:64].cpu().numpy().tobytes())
-        h.update(f"{flat.double().sum().item():.6e}".encode())
+        flat = tensor.detach().reshape(-1)  # a view: the weights are never copied whole
+        h.update(flat[:64].to(torch.bfloat16).to(torch.float32).cpu().numpy().tobytes())
+        h.update(f"{rounded_sum(flat):.6e}".encode())
     return h.hexdigest()[:16]
+
+
+def rounded_sum(flat: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """Sum of the values rounded to bfloat16, in float64, a chunk at a time (at most ``chunk`` values copied).
+
+    A 128k × 4096 embedding converted whole would take 6 GB of temporary memory (fp32, then fp64 copies).
+    """
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        total += flat[start:start + chunk].to(torch.bfloat16).to(torch.float64).sum()
+    return float(total)
 
 
 def _file_key(path: Path) -> str:

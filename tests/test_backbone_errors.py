@@ -144,3 +144,39 @@ def test_weights_fingerprint_sees_shapes_and_names():
         no_bias.weight.copy_(a.weight)
     assert weights_fingerprint(a) != weights_fingerprint(no_bias)
     assert weights_fingerprint(torch.nn.Sequential(a)) != weights_fingerprint(a)  # names differ ("0.weight")
+
+
+def test_the_fingerprint_is_computed_in_chunks_with_the_value_it_always_had(monkeypatch):
+    """Issue #11: the sum ran over a full fp32 and then fp64 copy of every tensor (6 GB for a 128k-vocabulary
+    embedding). Chunked, it gives the former value; no conversion ever sees more than one chunk."""
+    import hashlib
+
+    import prism_lightning.backbone as backbone
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(3000, 16), torch.nn.Linear(16, 7))
+
+    def former(m: torch.nn.Module) -> str:
+        h = hashlib.sha256()
+        for name, tensor in sorted(m.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            flat = tensor.detach().flatten().to(torch.bfloat16).to(torch.float32)
+            h.update(flat[:64].cpu().numpy().tobytes())
+            h.update(f"{flat.double().sum().item():.6e}".encode())
+        return h.hexdigest()[:16]
+
+    largest = []
+    original = backbone.rounded_sum
+    monkeypatch.setattr(backbone, "rounded_sum", lambda flat: original(flat, chunk=1000))
+    real_to = torch.Tensor.to
+
+    def watched(self, *args, **kwargs):
+        largest.append(self.numel())
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", watched)
+    value = weights_fingerprint(model)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert value == former(model)
+    assert max(largest) <= 1000 < 3000 * 16
