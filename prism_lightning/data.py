@@ -20,11 +20,11 @@ from prism_lightning.chat import ChatFormatter, Placement
 from prism_lightning.checks import check_data
 from prism_lightning.errors import PrismError
 from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
+from prism_lightning.generation import right_pad
 from prism_lightning.jsonl import read_jsonl_numbered
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.progress import announce
 from prism_lightning.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
-from prism_lightning.generation import right_pad
 from prism_lightning.teacher_cache import TeacherCache, TeacherMode, build_teacher_cache, item_key
 from prism_lightning.teacher_text import TeacherText, teacher_texts
 
