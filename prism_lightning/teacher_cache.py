@@ -100,13 +100,22 @@ def build_teacher_cache(backbone: Backbone, encoded: Sequence[dict], top_k: int,
 def teacher_records(model, pad_id: int, device: torch.device, batch: Sequence[dict], top_k: int) -> list[dict]:
     """One batch's records: the adapter-free model's top-k logits at each response-predicting position."""
     ids, mask = right_pad([b["prompt_ids"] for b in batch], pad_id, device)
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        hidden = decoder_hidden(model, ids, mask)
-        records = []
-        for row, item in enumerate(batch):
-            enc = item["enc"]
-            positions = torch.arange(enc["n_resp"], device=device) + enc["t_start"] - 1
-            values, index = head_logits(model, hidden[row, positions]).topk(top_k, dim=-1)
-            records.append({"id": item["id"], "n": enc["n_resp"], "k": values.shape[-1],
-                            "values": _pack(values.float().cpu()), "index": _pack(index.int().cpu())})
+    was_training = model.training
+    model.eval()  # the online teacher runs in eval mode too: no dropout anywhere
+    try:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+            return _records(model, device, batch, top_k, decoder_hidden(model, ids, mask))
+    finally:
+        model.train(was_training)
+
+
+def _records(model, device: torch.device, batch: Sequence[dict], top_k: int, hidden: torch.Tensor) -> list[dict]:
+    """Each row's top-k logits at its response-predicting positions, packed as records."""
+    records = []
+    for row, item in enumerate(batch):
+        enc = item["enc"]
+        positions = torch.arange(enc["n_resp"], device=device) + enc["t_start"] - 1
+        values, index = head_logits(model, hidden[row, positions]).topk(top_k, dim=-1)
+        records.append({"id": item["id"], "n": enc["n_resp"], "k": values.shape[-1],
+                        "values": _pack(values.float().cpu()), "index": _pack(index.int().cpu())})
     return records
