@@ -227,12 +227,17 @@ def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_toke
     args = (batch["teacher_ids"], batch["teacher_mask"], batch["teacher_pos"], mask)
     cached_values, cached_index = module.teacher_targets(*args)  # the plain step's teacher, outside the timing
 
-    def prism_step() -> float:
-        opt_prism.zero_grad(set_to_none=True)
-        loss = module.training_step(batch, 0)
-        loss.backward()
-        opt_prism.step()
-        return float(loss)
+    def prism_step_on(step_batch: dict):
+        """One PrismModule training step (forward, backward, AdamW) on ``step_batch``."""
+        def step() -> float:
+            opt_prism.zero_grad(set_to_none=True)
+            loss = module.training_step(step_batch, 0)
+            loss.backward()
+            opt_prism.step()
+            return float(loss)
+        return step
+
+    prism_step = prism_step_on(batch)
 
     def plain_step() -> float:
         """The same student forward, head and top-k KL as the library's step, against teacher targets given."""
@@ -258,12 +263,7 @@ def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_toke
                                                     Path(cache_dir), batch_size=4)
         cached_batch = collate(items)
 
-    def prism_step_cached() -> float:
-        opt_prism.zero_grad(set_to_none=True)
-        loss = module.training_step(cached_batch, 0)
-        loss.backward()
-        opt_prism.step()
-        return float(loss)
+    prism_step_cached = prism_step_on(cached_batch)
 
     s_len, t_len = batch["student_ids"].shape[1], batch["teacher_ids"].shape[1]
     n_resp = batch["response_mask"].sum(1).tolist()

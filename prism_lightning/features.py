@@ -7,6 +7,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from prism_lightning.lm_head import base_model
+
 
 class _StopAfterLayer0(Exception):
     """Raised inside the hook to skip layers 1..L-1 when only the features are needed."""
@@ -14,8 +16,7 @@ class _StopAfterLayer0(Exception):
 
 def first_decoder_layer(model: Any) -> torch.nn.Module:
     """Decoder layer 0 of a transformers causal LM, PEFT-wrapped or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder().layers[0]
+    return base_model(model).get_decoder().layers[0]
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.sharding import run_stage, stage_progress, todo_batches
 from prism_lightning.jsonl import JsonlSink
+from prism_lightning.lm_head import base_model
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def generate_batch(backbone: Backbone, prompts: Sequence[Sequence[int]], decodin
     """
     model = model if model is not None else backbone.model
     tokenizer = backbone.tokenizer
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = base_model(model)
     eos = stop_token_ids(backbone)
     config = decoding.generation_config(tokenizer, eos)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id, backbone.device)

@@ -86,6 +86,17 @@ def _replace(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def append_jsonl(path: Path, records: Iterable[dict]) -> None:
+    """Append records with one write and an fsync, so a kill tears at most the last line."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class JsonlSink:
     """An append-only result file keyed by ``key``: resumes after a kill without losing or repeating items."""
 
@@ -123,12 +134,6 @@ class JsonlSink:
                 fresh.append(r)
         if not fresh:
             return
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_jsonl(self.path, fresh)
         for r in fresh:
             self._records[r[self.key]] = r

@@ -108,6 +108,17 @@ def scontrol_requeue(job_id: str) -> int:
         return 124
 
 
+def requeue_and_report(event: str, failure_prefix: str, then: str, resubmit_then: str) -> None:
+    """Run ``scontrol requeue`` for this job and say in one line what happened (or what to do when it failed)."""
+    job = _job_id()
+    code = scontrol_requeue(job)
+    if code == 0:
+        announce("requeue", f"{event}; requeued Slurm job {job}, {then}")
+    else:
+        print(f"error: {failure_prefix}`scontrol requeue {job}` failed (exit {code}); resubmit the same sbatch "
+              f"command, {resubmit_then}", file=sys.stderr, flush=True)
+
+
 class SlurmRequeue(Callback):
     """Lightning's SLURM auto-requeue, with the checkpoint saved at a training-step boundary on every rank.
 
@@ -146,14 +157,9 @@ class SlurmRequeue(Callback):
             self.received = True
         elif self.phase in ("before", "after") and os.environ.get("SLURM_PROCID", "0") == "0":
             self.phase = "requeued"
-            job = _job_id()
-            code = scontrol_requeue(job)
-            if code == 0:
-                announce("requeue", f"{self.requeue_signal.name} outside the training loop: requeued Slurm job "
-                                    f"{job}; the requeued run continues from the run's files")
-            else:
-                print(f"error: `scontrol requeue {job}` failed (exit {code}); resubmit the same sbatch command, "
-                      f"it continues from the run's files", file=sys.stderr, flush=True)
+            requeue_and_report(f"{self.requeue_signal.name} outside the training loop", "",
+                               "which continues from the run's files",
+                               "it continues from the run's files")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """From here a signal waits for the next step boundary."""
@@ -188,15 +194,9 @@ class SlurmRequeue(Callback):
         # Every rank (ZeRO writes shards), then a barrier: the file is complete before the requeue can stop the job.
         trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
-            job = _job_id()
-            code = scontrol_requeue(job)
             where = f"saved {path} at global step {trainer.global_step}"
-            if code == 0:
-                announce("requeue", f"{self.requeue_signal.name} before the time limit: {where}; requeued Slurm job "
-                                    f"{job}, which resumes from it")
-            else:
-                print(f"error: {where}, but `scontrol requeue {job}` failed (exit {code}); resubmit the same sbatch "
-                      f"command, it resumes from that checkpoint", file=sys.stderr, flush=True)
+            requeue_and_report(f"{self.requeue_signal.name} before the time limit: {where}", f"{where}, but ",
+                               "which resumes from it", "it resumes from that checkpoint")
         raise SlurmRequeued(128 + self.requeue_signal)
 
 

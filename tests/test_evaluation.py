@@ -1298,14 +1298,21 @@ def test_empty_mmlu_directory_is_one_clear_line(tmp_path):
     assert "hold no rows" in str(err.value) and str(tmp_path) in str(err.value)
 
 
+def _tiny_mmlu_run(tmp_path, registry, physics: int, philosophy: int, max_new_tokens: int) -> BenchmarkRun:
+    """A BenchmarkRun over the fixture suites plus a 2-subject MMLU, batches of 4 and short generations."""
+    files = _benchmark_files(tmp_path)
+    cais = _write_cais(tmp_path / "mmlu", {
+        "college_physics": [[f"p{i}", "a", "b", "c", "d", "A"] for i in range(physics)],
+        "philosophy": [[f"h{i}", "a", "b", "c", "d", "B"] for i in range(philosophy)]})
+    config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None,
+                             decoding=DecodingConfig(max_new_tokens=max_new_tokens, batch_size=4),
+                             safety_max_new_tokens=2, batch_size=4, **files)
+    return BenchmarkRun(config, registry, [], {})
+
+
 def test_benchmark_run_end_to_end_on_a_tiny_model(tmp_path, registry, gated):
     """Every unit through BenchmarkRun with the model as its own judge: table, report, and PRISM re-using work."""
-    files = _benchmark_files(tmp_path)
-    cais = _write_cais(tmp_path / "mmlu", {"college_physics": [[f"p{i}", "a", "b", "c", "d", "A"] for i in range(6)],
-                                           "philosophy": [[f"h{i}", "a", "b", "c", "d", "B"] for i in range(4)]})
-    config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, decoding=DecodingConfig(max_new_tokens=3, batch_size=4),
-                             safety_max_new_tokens=2, batch_size=4, **files)
-    run = BenchmarkRun(config, registry, [], {})
+    run = _tiny_mmlu_run(tmp_path, registry, physics=6, philosophy=4, max_new_tokens=3)
     for unit in run.units():
         run.run_unit(gated, unit)
     metrics = run.finish({"name_or_path": "tiny"}, tmp_path / "out")
@@ -1433,12 +1440,7 @@ def test_prism_test_never_runs_a_forward_on_more_than_one_batch_of_prompts(tmp_p
     """Issue #11: the gate's layer-0 pass once took a whole suite in one left-padded batch (MMLU n = 1000 → a
     [1000, 667] batch, ~25 GB per layer-0 MLP intermediate on a 7B model). Every forward of every unit — gate,
     scoring, generation, judge — must hold at most ``batch_size`` prompts."""
-    files = _benchmark_files(tmp_path)
-    cais = _write_cais(tmp_path / "mmlu", {"college_physics": [[f"p{i}", "a", "b", "c", "d", "A"] for i in range(14)],
-                                           "philosophy": [[f"h{i}", "a", "b", "c", "d", "B"] for i in range(9)]})
-    config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, decoding=DecodingConfig(max_new_tokens=2, batch_size=4),
-                             safety_max_new_tokens=2, batch_size=4, **files)
-    run = BenchmarkRun(config, registry, [], {})
+    run = _tiny_mmlu_run(tmp_path, registry, physics=14, philosophy=9, max_new_tokens=2)
     rows = []
     embed = gated.backbone.model.get_input_embeddings()
     handle = embed.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from prism_lightning.jsonl import read_jsonl, write_jsonl
+from prism_lightning.jsonl import append_jsonl, read_jsonl, write_jsonl
 
 INDEX = "_index"  # a row's position in the prompt file, kept in the per-rank files only
 
@@ -54,10 +53,7 @@ class PredictionWriter(BasePredictionWriter):
             if batch_indices is None or len(batch_indices) != len(rows):
                 raise RuntimeError("PredictionWriter: Lightning gave no prompt indices for this batch")
             rows = [{**row, INDEX: int(i)} for row, i in zip(rows, batch_indices)]
-        with self.partial(trainer).open("a", encoding="utf-8") as out:
-            out.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            out.flush()
-            os.fsync(out.fileno())
+        append_jsonl(self.partial(trainer), rows)
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         """Move the finished file into place; on several ranks, merge their files once all have finished."""
