@@ -224,7 +224,7 @@ def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_toke
                                   weight_decay=hp.weight_decay)
     opt_plain = torch.optim.AdamW(lora_params, lr=hp.lr, weight_decay=hp.weight_decay)
     mask = batch["response_mask"]
-    args = (batch["teacher_ids"], batch["teacher_mask"], batch["teacher_pos"], mask)
+    args = (batch["teacher_ids"], batch["teacher_mask"], batch["teacher_pos"], mask, 1, batch["teacher_prefix"])
     cached_values, cached_index = module.teacher_targets(*args)  # the plain step's teacher, outside the timing
 
     def prism_step_on(step_batch: dict):
@@ -238,6 +238,14 @@ def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_toke
         return step
 
     prism_step = prism_step_on(batch)
+
+    def prism_step_full_teacher() -> float:
+        """The online step recomputing the persona block in every teacher forward (``prefix_reuse: false``)."""
+        hp.prefix_reuse = False
+        try:
+            return prism_step()
+        finally:
+            hp.prefix_reuse = True
 
     def plain_step() -> float:
         """The same student forward, head and top-k KL as the library's step, against teacher targets given."""
@@ -270,25 +278,30 @@ def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_toke
     print(f"(c) training step, batch of 4 distill items: student {s_len} tokens/row, teacher (persona) {t_len} "
           f"tokens/row, response tokens {n_resp}")
     timing = interleaved({"prism_step_online_teacher": prism_step, "plain_lora_step": plain_step,
-                          "prism_step_cached_teacher": prism_step_cached, "teacher_forward_only": teacher_only},
-                         reps=reps)
-    pr, pl, pc, te = (timing[k] for k in ("prism_step_online_teacher", "plain_lora_step",
-                                          "prism_step_cached_teacher", "teacher_forward_only"))
+                          "prism_step_cached_teacher": prism_step_cached, "teacher_forward_only": teacher_only,
+                          "prism_step_online_no_prefix_reuse": prism_step_full_teacher}, reps=reps)
+    pr, pl, pc, te, pf = (timing[k] for k in ("prism_step_online_teacher", "plain_lora_step",
+                                              "prism_step_cached_teacher", "teacher_forward_only",
+                                              "prism_step_online_no_prefix_reuse"))
     cached_ratio = paired_ratios(pc["times_s"], pl["times_s"])
+    full_ratio = paired_ratios(pf["times_s"], pl["times_s"])
     ratio = paired_ratios(pr["times_s"], pl["times_s"])
     value = ratio["median_of_pairs"]  # pairs ran back to back: robust to load drift
     print(rounds_note(timing))
     print(table([["PrismModule step (online teacher)", pr["median_s"]], ["plain LoRA step", pl["median_s"]],
                  ["PrismModule step (cached teacher)", pc["median_s"]],
+                 ["PrismModule step (online, persona block recomputed)", pf["median_s"]],
                  ["teacher forward alone (top-k targets)", te["median_s"]]],
                 ["variant", "median s"]))
     print(f"prism / plain = {value:.3f} median of paired reps (ratio of medians {ratio['ratio_of_medians']:.3f}; "
           f"{verdict('c', value)}); "
           f"teacher forward alone = {te['median_s'] / pl['median_s']:.3f} of a plain step; cached teacher / plain "
-          f"= {cached_ratio['median_of_pairs']:.3f} ({verdict('c-cached', cached_ratio['median_of_pairs'])})\n")
+          f"= {cached_ratio['median_of_pairs']:.3f} ({verdict('c-cached', cached_ratio['median_of_pairs'])}); "
+          f"online without prefix reuse / plain = {full_ratio['median_of_pairs']:.3f}\n")
     return {"description": "PrismModule.training_step + backward + AdamW / same student step with precomputed teacher",
             "timing": strip_results(timing), "clean": timing.rounds["clean"], "ratio": ratio, "value": value,
             "teacher_forward_over_plain_step": round(te["median_s"] / pl["median_s"], 4),
+            "online_without_prefix_reuse": {"ratio": full_ratio, "value": full_ratio["median_of_pairs"]},
             "cached": {"ratio": cached_ratio, "value": cached_ratio["median_of_pairs"],
                        "target": {"op": "<=", "bound": TARGETS["c-cached"][1],
                                   "met": met("c-cached", cached_ratio["median_of_pairs"])}},

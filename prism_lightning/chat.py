@@ -10,6 +10,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 Placement = Literal["system", "user"]
 PLACEMENTS: tuple[str, ...] = ("system", "user")
 _PROBE = "PRISM-SYSTEM-PROBE"
+_PREFIX_PROBES = ("Alpha?", "Zulu!")  # two queries that differ from their first character
 # The backbone loader attaches ``BackboneConfig.chat_template_kwargs`` to its tokenizer under this name, so every
 # formatter built on that tokenizer (corpus, training, evaluation, export) renders with them, never without.
 _KWARGS_ATTR = "prism_chat_template_kwargs"
@@ -115,6 +116,12 @@ class ChatFormatter:
         """Token ids of the prompt; the template already carries any BOS, so none is added."""
         return self.tokenizer(self.prompt_text(query, persona, placement, history),
                               add_special_tokens=False)["input_ids"]
+
+    def context_prefix(self, persona: Optional[str], placement: Optional[Placement] = None) -> list[int]:
+        """The prompt tokens that come before any query with this persona: template header and persona block."""
+        first, second = (self.prompt_ids(q, persona, placement) for q in _PREFIX_PROBES)
+        n = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        return first[:n]
 
     def response_ids(self, response: str) -> list[int]:
         """Token ids of a response followed by end-of-turn, identical whatever the prompt was."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +23,7 @@ from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.generation import right_pad
 from prism_lightning.jsonl import read_jsonl_numbered
 from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.prefix_states import shared_prefix_len
 from prism_lightning.progress import announce
 from prism_lightning.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
 from prism_lightning.teacher_cache import TeacherCache, TeacherMode, build_teacher_cache, item_key
@@ -50,6 +51,7 @@ class Collator:
     persona_texts: dict[str, str]
     max_length: int = 512
     teacher_cache: Optional[TeacherCache] = None  # adds the distill rows' cached teacher top-k to each batch
+    _prefixes: dict[Optional[str], list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def encode_item(self, item: dict) -> dict:
         """Student and teacher encodings of one item; retain items use the baseline answer and no persona."""
@@ -62,9 +64,17 @@ class Collator:
         if room < 1:
             raise PrismError(f"item {item['id']}: prompt longer than data.max_length={self.max_length}; raise it")
         n_resp = min(len(student.response_ids), room)
+        # The teacher's persona block is shared by every item of the persona: its keys/values are computed once.
+        shared = shared_prefix_len(teacher.input_ids, self.context_prefix(persona), teacher.prompt_len - 1)
         return {"student": student.input_ids[:student.prompt_len + n_resp], "s_start": student.prompt_len,
                 "teacher": teacher.input_ids[:teacher.prompt_len + n_resp], "t_start": teacher.prompt_len,
-                "n_resp": n_resp, "label": float(item["label"]), "id": item["id"]}
+                "t_prefix": shared, "n_resp": n_resp, "label": float(item["label"]), "id": item["id"]}
+
+    def context_prefix(self, persona: Optional[str]) -> list[int]:
+        """The formatter's prefix for this persona, computed once per collator."""
+        if persona not in self._prefixes:
+            self._prefixes[persona] = self.formatter.context_prefix(persona)
+        return self._prefixes[persona]
 
     def teacher_text(self, name: str) -> str:
         """The teacher's persona text; an unknown name is an error, never a persona-less (KL = 0) teacher."""
@@ -87,6 +97,7 @@ class Collator:
         t_ids, t_mask = right_pad([e["teacher"] for e in enc], pad)
         batch = {"student_ids": s_ids, "student_mask": s_mask, "teacher_ids": t_ids, "teacher_mask": t_mask,
                  "student_pos": s_pos, "teacher_pos": t_pos, "response_mask": resp_mask,
+                 "teacher_prefix": torch.tensor([e["t_prefix"] for e in enc]),
                  "feature_pos": torch.tensor([e["s_start"] - 1 for e in enc]),
                  "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc]}
         if self.teacher_cache is not None:

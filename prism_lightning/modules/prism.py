@@ -39,6 +39,7 @@ class PrismModule(DistillationStudent):
         divergence_limit: stop training when the gradient norm or a trainable weight's magnitude exceeds this.
         gradient_checkpointing: recompute decoder activations in backward (memory of one layer, ~1 more forward).
         head_chunk: response tokens whose vocabulary-wide logits exist at once in the loss.
+        prefix_reuse: the online teacher reuses each persona block's keys/values instead of recomputing them.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
@@ -46,9 +47,10 @@ class PrismModule(DistillationStudent):
                  gate_lr: float = 1e-3, gate_dims: Sequence[int] = (128, 64), gate_weight: float = 1.0,
                  threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig(),
-                 divergence_limit: float = 1e4, gradient_checkpointing: bool = False, head_chunk: int = 1024) -> None:
+                 divergence_limit: float = 1e4, gradient_checkpointing: bool = False, head_chunk: int = 1024,
+                 prefix_reuse: bool = True) -> None:
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
-                         divergence_limit, gradient_checkpointing, head_chunk)
+                         divergence_limit, gradient_checkpointing, head_chunk, prefix_reuse)
         self.save_hyperparameters()
         self.placement = placement
         self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)

@@ -17,6 +17,7 @@ from prism_lightning.divergence import check_gradient_norm, check_gradients, che
 from prism_lightning.errors import PrismError
 from prism_lightning.lm_head import decoder_hidden, head_logits
 from prism_lightning.losses import chunked_topk_kl, kl_divergence, rows_at, teacher_topk
+from prism_lightning.prefix_states import PrefixStates, hidden_after_prefixes
 from prism_lightning.strategies import offloads_optimizer
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -96,17 +97,21 @@ class DistillationStudent(L.LightningModule):
             one more forward of compute. Off by default; on in the 7-8B configs.
         head_chunk: response tokens whose vocabulary-wide logits exist at once in the loss (the LM head runs on
             chunks of this many tokens and is recomputed in backward when there are several).
+        prefix_reuse: the online teacher computes the keys and values of each persona block once per process and
+            runs only the tokens after it in each step (same targets; off under multi-rank ZeRO-3, whose every
+            forward is a collective, and for sliding-window models).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
                  temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
                  weight_decay: float = 0.01, warmup_ratio: float = 0.1, divergence_limit: float = 1e4,
-                 gradient_checkpointing: bool = False, head_chunk: int = 1024) -> None:
+                 gradient_checkpointing: bool = False, head_chunk: int = 1024, prefix_reuse: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone_config = as_dataclass(BackboneConfig, backbone)
         self.lora = as_dataclass(LoraSettings, lora)
         self.model: Optional[Any] = None
+        self.prefix_states = PrefixStates()  # the frozen teacher's persona-block keys/values
         self.strict_loading = False  # checkpoints hold only trainable weights, never the frozen base
 
     @property
@@ -147,15 +152,27 @@ class DistillationStudent(L.LightningModule):
         """Hidden states of base + LoRA on the persona-free inputs."""
         return self.decoder_hidden(batch["student_ids"], batch["student_mask"])
 
+    def teacher_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       prefix: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's hidden states and, per row, how many leading tokens they leave out (reused prefixes)."""
+        if (prefix is not None and self.hparams.prefix_reuse and bool(prefix.any())
+                and not zero3_partitioned(self.model)):
+            found = hidden_after_prefixes(self.model, input_ids, attention_mask, prefix, self.prefix_states)
+            if found is not None:
+                return found
+        return self.decoder_hidden(input_ids, attention_mask), torch.zeros_like(input_ids[:, 0])
+
     @torch.no_grad()
     def teacher_targets(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                        mask: torch.Tensor, chunks: int = 1) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                        mask: torch.Tensor, chunks: int = 1,
+                        prefix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The frozen base's targets (adapter disabled, dropout off) at the masked positions of ``input_ids``.
 
         With ``top_k`` the teacher's k largest logits / T in fp32 and their indices ([N, k] each), the head applied
         in ``chunks`` chunks of ``head_chunk`` tokens (some empty when a rank has fewer tokens than another); with
         ``top_k`` 0 its full logits [N, V] and None. In one process only the rows with a masked token run a
-        forward; with several ranks every row does (under ZeRO-3 every rank must run the same forwards).
+        forward; with several ranks every row does (under ZeRO-3 every rank must run the same forwards). ``prefix``
+        ([B], optional): each row's shared persona-block length, whose keys/values are reused (``prefix_reuse``).
         """
         hp = self.hparams
         rows = mask.any(1) if world_size() == 1 else torch.ones_like(mask[:, 0])
@@ -163,8 +180,9 @@ class DistillationStudent(L.LightningModule):
         self.model.eval()
         try:
             with self.model.disable_adapter():
-                hidden = self.decoder_hidden(input_ids[rows], attention_mask[rows])
-                selected = rows_at(hidden, positions[rows], mask[rows])
+                hidden, skipped = self.teacher_hidden(input_ids[rows], attention_mask[rows],
+                                                      None if prefix is None else prefix[rows])
+                selected = rows_at(hidden, (positions[rows] - skipped[:, None]).clamp(min=0), mask[rows])
                 if not hp.top_k:
                     return self.head_logits(selected), None
                 step = hp.head_chunk
@@ -184,7 +202,8 @@ class DistillationStudent(L.LightningModule):
         return max(all_gather_objects(chunks)) if zero3_partitioned(self.model) else chunks
 
     def kl_term(self, student_hidden: torch.Tensor, batch: dict, mask: torch.Tensor, teacher_ids: torch.Tensor,
-                teacher_mask: torch.Tensor, teacher_pos: torch.Tensor, cached: bool = False) -> torch.Tensor:
+                teacher_mask: torch.Tensor, teacher_pos: torch.Tensor, cached: bool = False,
+                teacher_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mean per-token KL(teacher ‖ student) over the masked response tokens; 0 (on the graph) when none are.
 
         ``cached``: the batch carries the teacher's top-k (``data.teacher: cached``), so no teacher forward runs.
@@ -201,7 +220,7 @@ class DistillationStudent(L.LightningModule):
                 raise PrismError(f"the cached teacher holds top-{index.shape[-1]} targets but model.top_k is "
                                  f"{hp.top_k}; build the cache with the same k (the CLI links them)")
         else:
-            teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask, chunks)
+            teacher, index = self.teacher_targets(teacher_ids, teacher_mask, teacher_pos, mask, chunks, teacher_prefix)
         student = rows_at(student_hidden, batch["student_pos"], mask)
         if index is None:
             per_token = kl_divergence(teacher, self.head_logits(student), hp.temperature, None)
@@ -220,7 +239,8 @@ class DistillationStudent(L.LightningModule):
         distill_rows = batch["label"] > 0.5
         mask = batch["response_mask"] & distill_rows[:, None]
         out = {"kl": self.kl_term(student_hidden, batch, mask, batch["teacher_ids"], batch["teacher_mask"],
-                                  batch["teacher_pos"], cached="teacher_values" in batch)}
+                                  batch["teacher_pos"], cached="teacher_values" in batch,
+                                  teacher_prefix=batch.get("teacher_prefix"))}
         loss = out["kl"]
         if hp.retain_weight > 0:
             mask = batch["response_mask"] & ~distill_rows[:, None]
