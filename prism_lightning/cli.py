@@ -28,6 +28,7 @@ from prism_lightning.launch import process_group
 from prism_lightning.notices import quiet_third_party_notices
 from prism_lightning.progress import announce
 from prism_lightning.strategies import check_command, check_strategy, stop_other_ranks  # importing registers them
+from prism_lightning.study.config import StudyConfig
 from prism_lightning.summary import print_corpus_lines, print_corpus_summary
 from prism_lightning.zero_checkpoint import checkpoint_for_run, is_deepspeed_checkpoint, load_zero_checkpoint, \
     read_client_state
@@ -48,6 +49,22 @@ class PrismTrainer(L.Trainer):
             if Shard.current().rank == 0:
                 print_corpus_summary(corpus)
             check_both_classes(corpus, datamodule.judge_config)
+
+    def study(self, model: Optional[L.LightningModule] = None, datamodule: Optional[BootstrapDataModule] = None,
+              study: StudyConfig = StudyConfig()) -> None:
+        """The persona-effect study of the base model under ``<default_root_dir>/study`` (resumable).
+
+        Args:
+            study: persona conditions and suites (default suites: ``data.benchmark``).
+        """
+        from prism_lightning.study.runner import StudyRun, print_plan
+
+        run = StudyRun(study, study.suites or datamodule.benchmark_config, datamodule.backbone_config,
+                       datamodule.persona_config.names, Path(self.default_root_dir) / "study")
+        if study.dry_run:
+            print_plan(run.plan())
+            return
+        run.finish(run.run())
 
     def export(self, model: Optional[L.LightningModule] = None, datamodule: Optional[BootstrapDataModule] = None,
                ckpt_path: str = "last", export_dir: Optional[str] = None) -> None:
@@ -139,7 +156,19 @@ class PrismCLI(LightningCLI):
         commands = dict(LightningCLI.subcommands())
         commands["bootstrap"] = {"model", "datamodule"}
         commands["export"] = {"model", "datamodule"}
+        commands["study"] = {"model", "datamodule"}
         return commands
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
+        """``study`` takes its settings as one ``study`` group (``--study.dry_run``); jsonargparse would otherwise
+        name the method's own group ``study`` too, and refuse the clash."""
+        if subcommand != "study":
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser = self.init_parser(**kwargs)
+        self._add_arguments(parser)
+        parser.add_class_arguments(StudyConfig, "study")
+        self._subcommand_method_arguments[subcommand] = ["study"]
+        return parser
 
     current: Optional["PrismCLI"] = None  # the running CLI, so main() can clean up after a failed command
 

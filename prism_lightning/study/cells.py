@@ -10,11 +10,11 @@ from prism_lightning.errors import PrismError
 from prism_lightning.evaluation.benchmarks import MT_BENCH_PERSONA
 from prism_lightning.evaluation.mmlu import CATEGORY_PERSONA
 from prism_lightning.evaluation.rows import MATCHED, Row
+from prism_lightning.evaluation.suites import SAFETY_PERSONA
 from prism_lightning.persona_specs import DOMAINS, GRANULARITIES
 from prism_lightning.study.config import StudyConfig
 
 SUITES = ("mmlu", "mt_bench", "safety")
-SAFETY_PERSONA = "safety_monitor"  # run_safety's matched persona for every prompt set
 
 
 @dataclass(frozen=True)
@@ -73,13 +73,18 @@ def _check(values: Sequence[str], allowed: Sequence[str], key: str, what: str) -
             raise PrismError(f"{key}: unknown {what} {value!r}; expected one of {', '.join(allowed)}")
 
 
-def conditions(config: StudyConfig, formatter: ChatFormatter, control_personas: Sequence[str]) -> list[Condition]:
-    """No persona, matched personas at each granularity x placement, then each control persona; duplicates that a
-    placement fallback creates are dropped (the kept condition records what was asked)."""
+def check_config(config: StudyConfig, control_personas: Sequence[str]) -> None:
+    """Unknown granularities, placements or personas: one line naming the key, before any model work."""
     _check(config.granularities, GRANULARITIES, "study.granularities", "granularity")
     _check([config.control_granularity], GRANULARITIES, "study.control_granularity", "granularity")
     _check(config.placements, PLACEMENTS, "study.placements", "placement")
     _check(control_personas, list(DOMAINS), "study.control_personas", "persona")
+
+
+def conditions(config: StudyConfig, formatter: ChatFormatter, control_personas: Sequence[str]) -> list[Condition]:
+    """No persona, matched personas at each granularity x placement, then each control persona; duplicates that a
+    placement fallback creates are dropped (the kept condition records what was asked)."""
+    check_config(config, control_personas)
     found: dict[str, Condition] = {"none": Condition("none")}
 
     def add(kind: str, persona: Optional[str], granularity: str, placement: str) -> None:
