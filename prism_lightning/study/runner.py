@@ -226,7 +226,14 @@ class StudyRun:
                          "generated": generated, "judged": judged,
                          "tokens": prompt_tokens + 2 * new + (prompt_tokens if judged else 0)})
         return {"cells": rows, "conditions": len(self.conditions), "unique_first_prompts": len(unique),
-                "done": sum(1 for c in self.cells if c.key in JsonlSink(self.store_path, key="key"))}
+                "done": self._done()}
+
+    def _done(self) -> int:
+        """Cells already in the resume file (none when there is no file yet; the dry run creates nothing)."""
+        if not self.store_path.exists():
+            return 0
+        sink = JsonlSink(self.store_path, key="key")
+        return sum(1 for c in self.cells if c.key in sink)
 
     def _first_prompts(self, cell: Cell, row, registry: PersonaRegistry, placement: str) -> list[list[int]]:
         """The prompts a cell sends before any model output exists (MMLU, turn 1, safety)."""

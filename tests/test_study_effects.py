@@ -1,0 +1,182 @@
+"""`prism study`'s derived quantities on constructed inputs, its cell enumeration, and its analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from prism_lightning.chat import ChatFormatter
+from prism_lightning.errors import PrismError
+from prism_lightning.study.analysis import analyse
+from prism_lightning.study.cells import Cell, Condition, cells, conditions, matched_persona
+from prism_lightning.study.config import StudyConfig
+from prism_lightning.study.effects import control_gain, paired_bootstrap, persona_effect, relative
+
+NAN = float("nan")
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- effects
+def test_relative_effect_is_the_papers_relative_change_and_undefined_at_zero():
+    assert relative(t(60.0), t(50.0)).item() == pytest.approx(20.0)
+    assert relative(t(40.0), t(50.0)).item() == pytest.approx(-20.0)
+    assert math.isnan(relative(t(10.0), t(0.0)).item())
+
+
+def test_persona_effect_compares_only_the_items_both_conditions_scored():
+    none = t(50.0, 50.0, 100.0, NAN)
+    condition = t(100.0, 50.0, NAN, 0.0)  # item 3 unreadable under the persona, item 4 without it
+    effect = persona_effect(condition, none, seed=0)
+    assert effect["n"] == 2
+    assert effect["absolute"] == pytest.approx(25.0)  # (100 + 50) / 2 - 50
+    assert effect["relative"] == pytest.approx(50.0)
+    low, high = effect["relative_ci95"]
+    assert 0.0 <= low <= effect["relative"] <= high <= 100.0
+
+
+def test_the_paired_interval_is_narrower_than_independent_resampling_would_give():
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(200, generator=g, dtype=torch.float64) * 100
+    shifted = base + 5.0  # the same items, each 5 points higher: the difference has no spread at all
+    effect = persona_effect(shifted, base, seed=1)
+    assert effect["absolute_ci95"] == pytest.approx([5.0, 5.0])
+    assert effect["absolute"] == pytest.approx(5.0)
+
+
+def test_paired_bootstrap_is_seeded_and_nan_without_items():
+    a, b = t(1.0, 0.0, 1.0, 1.0), t(0.0, 0.0, 1.0, 0.0)
+    first = paired_bootstrap([a, b], lambda m: m[0] - m[1], seed=3)
+    assert first == paired_bootstrap([a, b], lambda m: m[0] - m[1], seed=3)
+    assert first["value"] == pytest.approx(0.5) and first["n"] == 4
+    empty = paired_bootstrap([t(NAN), t(1.0)], lambda m: m[0] - m[1])
+    assert empty["n"] == 0 and math.isnan(empty["value"])
+
+
+def test_control_gain_is_matched_lift_minus_the_mean_non_matched_lift():
+    none = t(50.0, 50.0)
+    matched = t(75.0, 75.0)  # +50 %
+    others = [t(55.0, 55.0), t(45.0, 45.0), t(60.0, 60.0)]  # +10 %, -10 %, +20 %: mean +6.67 %
+    gain = control_gain(matched, others, none)
+    assert gain["value"] == pytest.approx(50.0 - 20.0 / 3)
+    assert gain["ci95"] == pytest.approx([50.0 - 20.0 / 3] * 2)  # no spread across items
+    assert gain["others"] == 3 and gain["n"] == 2
+    assert math.isnan(control_gain(matched, [], none)["value"])
+
+
+# --------------------------------------------------------------------------- cells
+def test_cells_cover_no_persona_matched_lengths_placements_and_controls(smol_tokenizer):
+    found = conditions(StudyConfig(), ChatFormatter(smol_tokenizer), ["math", "writing"])
+    assert [c.name for c in found] == [
+        "none", "matched/min/system", "matched/min/user", "matched/half/system", "matched/half/user",
+        "matched/full/system", "matched/full/user", "math/full/system", "writing/full/system"]
+    grid = cells(found, ["mmlu", "safety"])
+    assert len(grid) == 18 and grid[0] == Cell(found[0], "mmlu") and grid[-1].key == "safety|writing/full/system"
+    assert found[1].row().persona == "matched" and found[-1].row().persona == "writing" and found[0].row().persona is None
+
+
+def test_a_template_without_a_system_role_falls_back_to_the_user_turn_and_records_it(template_tokenizers):
+    formatter = ChatFormatter(template_tokenizers["no_system"])
+    found = conditions(StudyConfig(granularities=["full"], placements=["system", "user"]), formatter, ["math"])
+    assert [c.name for c in found] == ["none", "matched/full/user", "math/full/user"]
+    assert found[1].requested == "system" and found[1].placement == "user"  # what was asked, what was used
+    assert found[2].requested == "system"
+
+
+@pytest.mark.parametrize("config, control, message", [
+    (StudyConfig(granularities=["tiny"]), [], "study.granularities: unknown granularity 'tiny'"),
+    (StudyConfig(placements=["assistant"]), [], "study.placements: unknown placement 'assistant'"),
+    (StudyConfig(control_granularity="long"), [], "study.control_granularity: unknown granularity 'long'"),
+    (StudyConfig(), ["pirate"], "study.control_personas: unknown persona 'pirate'"),
+    (StudyConfig(granularities=[], placements=[]), [], "the conditions produce no cells"),
+])
+def test_bad_conditions_end_in_one_line_naming_the_key(smol_tokenizer, config, control, message):
+    with pytest.raises(PrismError, match=message):
+        conditions(config, ChatFormatter(smol_tokenizer), control)
+
+
+def test_no_suite_is_an_error():
+    with pytest.raises(PrismError, match="no suite selected"):
+        cells([Condition("none")], [])
+
+
+def test_matched_personas_follow_the_suites_own_maps():
+    assert matched_persona("MMLU/STEM") == "stem" and matched_persona("MMLU/other") == "helpful"
+    assert matched_persona("MT-Bench/coding") == "coding" and matched_persona("MT-Bench/unknown") is None
+    assert matched_persona("Safety/HarmBench") == "safety_monitor"
+
+
+# --------------------------------------------------------------------------- analysis
+def _record(condition: Condition, items: dict) -> dict:
+    readable = {k: [x for x in v if x is not None] for k, v in items.items()}
+    return {"key": f"x|{condition.name}", "suite": "x", "condition": {"name": condition.name},
+            "scores": {k: sum(v) / len(v) for k, v in readable.items()}, "counts": {k: len(v) for k, v in readable.items()},
+            "unreadable": {k: 0 for k in items}, "intervals": {}, "items": items, "seconds": 1.0, "computed": 1}
+
+
+def test_analysis_builds_effects_length_placement_and_control():
+    config = StudyConfig(granularities=["min", "full"], placements=["system", "user"])
+    conds = [Condition("none"), Condition("matched", None, "min", "system"), Condition("matched", None, "min", "user"),
+             Condition("matched", None, "full", "system"), Condition("matched", None, "full", "user"),
+             Condition("control", "stem", "full", "system"), Condition("control", "math", "full", "system")]
+    stem = {"none": [50.0, 50.0], "matched/min/system": [45.0, 45.0], "matched/min/user": [40.0, 40.0],
+            "matched/full/system": [40.0, 40.0], "matched/full/user": [35.0, 35.0],
+            "stem/full/system": [40.0, 40.0], "math/full/system": [45.0, 45.0]}
+    # MT-Bench/unknown has no matched persona: it gets control effects but no matched ones.
+    records = [_record(c, {"MMLU/STEM": stem[c.name], "MT-Bench/unknown": [80.0, None]}) for c in conds]
+    study = analyse(records, conds, config)
+    assert study["subcategories"] == ["MMLU/STEM", "MT-Bench/unknown"]
+    assert study["length"]["MMLU/STEM"] == {"min": pytest.approx(-10.0), "full": pytest.approx(-20.0)}
+    assert study["placement"]["MMLU/STEM"] == {"system": pytest.approx(-20.0), "user": pytest.approx(-30.0)}
+    assert "matched/full/system" not in study["effects"]["MT-Bench/unknown"]
+    assert study["effects"]["MT-Bench/unknown"]["math/full/system"]["n"] == 1
+    control = study["control"]["MMLU/STEM"]
+    assert control["matched"] == "stem" and control["value"] == pytest.approx(-20.0 - (-10.0))
+    assert math.isnan(study["control"]["MT-Bench/unknown"]["value"])
+    assert study["groups"]["MMLU"]["matched/full/system"] == pytest.approx(-20.0)
+
+
+# --------------------------------------------------------------------------- prism test reads a study
+def _study_file(tmp_path, fingerprint="f00d") -> str:
+    cells = [{"condition": {"name": "none"}, "scores": {"MMLU/STEM": 50.0, "MT-Bench/writing": 40.0,
+                                                        "Safety/HarmBench": 20.0}},
+             {"condition": {"name": "matched/half/system"}, "scores": {"MMLU/STEM": 40.0, "MT-Bench/writing": 60.0,
+                                                                       "Safety/HarmBench": None}}]
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({"fingerprint": fingerprint, "cells": cells}))
+    return str(path)
+
+
+def test_prism_test_takes_the_routing_analysis_persona_effect_from_a_study(tmp_path):
+    from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
+    from prism_lightning.evaluation.suites import SuiteResult
+    from prism_lightning.personas import PersonaConfig, PersonaRegistry
+
+    registry = PersonaRegistry.from_config(PersonaConfig())
+    config = BenchmarkConfig(mmlu="", persona_effect=_study_file(tmp_path))
+    run = BenchmarkRun(config, registry, [], {}, "system", "half")
+    routing = {"MMLU/STEM": 0.1, "MT-Bench/writing": 0.9, "Safety/HarmBench": 0.5}
+    run.results["PRISM"] = SuiteResult(scores={k: 1.0 for k in routing}, routing=routing,
+                                       items={k: torch.ones(2) for k in routing})
+    analysis = run.metrics({"name_or_path": "m", "fingerprint": "f00d"})["routing_analysis"]
+    assert analysis["subcategories"] == ["MMLU/STEM", "MT-Bench/writing"]  # HarmBench has no matched score
+    assert analysis["persona_effect"] == pytest.approx([-0.2, 0.5])
+    assert "matched/half/system vs none" in analysis["effect_source"]
+    with pytest.raises(PrismError, match="studied base weights f00d, this run's are beef"):
+        run.metrics({"name_or_path": "m", "fingerprint": "beef"})
+
+
+def test_a_study_without_the_runs_condition_or_file_is_one_line(tmp_path):
+    from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
+    from prism_lightning.personas import PersonaConfig, PersonaRegistry
+
+    registry = PersonaRegistry.from_config(PersonaConfig())
+    with pytest.raises(PrismError, match="no 'matched/full/user' cells next to 'none'"):
+        BenchmarkRun(BenchmarkConfig(mmlu="", persona_effect=_study_file(tmp_path)), registry, [], {}, "user", "full")
+    with pytest.raises(PrismError, match="not found"):
+        BenchmarkRun(BenchmarkConfig(mmlu="", persona_effect=str(tmp_path / "nope.json")), registry, [], {})
