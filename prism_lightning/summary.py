@@ -1,24 +1,42 @@
-"""Rich tables for the terminal: the corpus summary."""
+"""What the terminal shows of a run: the corpus summary, the judge's reliability, distillation from initialisation."""
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
 
+from prism_lightning.bootstrap.compare import print_comparison
 from prism_lightning.bootstrap.corpus import Corpus
+from prism_lightning.bootstrap.labels import controls_verdict
+
+
+def _control_text(judge: dict, prefix: str, what: str) -> str:
+    acc, n, (low, high) = judge.get(f"{prefix}_accuracy"), judge.get(f"{prefix}_n", 0), judge.get(f"{prefix}_ci95",
+                                                                                                  [0, 1])
+    return f"{what} {acc:.0%} (n = {n}, 95% CI {low:.0%}–{high:.0%})" if n else f"{what}: not measured"
 
 
 def judge_verdict(judge: dict) -> str:
-    """Plain words on whether the judge's labels can be told from noise, from its control accuracy interval."""
-    acc, n, (low, high) = judge.get("control_accuracy"), judge.get("control_n", 0), judge.get("control_ci95", [0, 1])
-    if not n:
+    """Plain words on whether the judge's labels can be told from noise, from both control kinds' intervals.
+
+    Relevance: a query's own answer vs another query's. Quality: the own answer vs a degraded copy of it. A judge
+    must pass both: likelihood scores, for one, see relevance easily and quality less so.
+    """
+    if not judge.get("control_n") and not judge.get("quality_n"):
         return "No control pairs were judged (data.judge.control_pairs = 0): the labels' reliability is unknown."
-    text = f"Judge control accuracy {acc:.0%} (n = {n}, 95% CI {low:.0%}–{high:.0%})."
-    if low <= 0.5:
-        return (text + " The interval includes chance: these labels cannot be told from noise. Set "
-                "data.judge.model to a stronger judge (e.g. name_or_path: Qwen/Qwen2.5-7B-Instruct) or raise "
-                "data.judge.control_pairs to measure it more precisely.")
-    return text + " The judge prefers a query's own answer more often than chance."
+    text = (f"Judge control accuracy: {_control_text(judge, 'control', 'relevance')}; "
+            f"{_control_text(judge, 'quality', 'quality')}.")
+    if controls_verdict(judge) == "reliable":
+        return text + " Both intervals lie above chance: the judge tells better answers from worse ones."
+    weak = [what for prefix, what in (("control", "relevance"), ("quality", "quality"))
+            if not judge.get(f"{prefix}_n") or judge[f"{prefix}_ci95"][0] <= 0.5]
+    return (text + f" The {' and '.join(weak)} interval{'s' if len(weak) > 1 else ''} include"
+            f"{'' if len(weak) > 1 else 's'} chance: these labels cannot be told from noise. Compare protocols "
+            "(data.judge.compare=true), set data.judge.model to a stronger judge (e.g. name_or_path: "
+            "Qwen/Qwen2.5-7B-Instruct), or raise data.judge.control_pairs to measure it more precisely.")
 
 
 def print_corpus_summary(corpus: Corpus, console: Console | None = None) -> None:
@@ -37,6 +55,8 @@ def print_corpus_summary(corpus: Corpus, console: Console | None = None) -> None
                   f"{c['distill'] / total:.0%}" if total else "–", end_section=True)
     console.print(table)
     print_judge_lines(corpus, console)
+    if m.get("judge_compare"):
+        print_comparison(m["judge_compare"], console)
     ranks = f"  ranks: {m['world_size']}" if any(w > 1 for w in m.get("world_size", {}).values()) else ""
     console.print(f"stage seconds: {m['seconds']}{ranks}  manifest: {corpus.directory / 'manifest.json'}")
 
@@ -60,3 +80,18 @@ def print_corpus_lines(corpus: Corpus, console: Console) -> None:
     console.print(f"corpus: {c['queries']} queries -> {c['distill']} distill / {c['retain']} retain "
                   f"({corpus.directory})")
     print_judge_lines(corpus, console)
+
+
+def kl_change(kl_init: Optional[float], kl_now: float) -> str:
+    """``kl_now`` against the held-out KL at initialisation: "0.0620 (−24.4 % from 0.0820 at initialisation)"."""
+    if kl_init is None or not math.isfinite(kl_init) or kl_init <= 0:
+        return f"{kl_now:.4f}"
+    return f"{kl_now:.4f} ({(kl_now - kl_init) / kl_init:+.1%} from {kl_init:.4f} at initialisation)"
+
+
+def distillation_line(kl_init: Optional[float], kl_final: Optional[float], epochs: int) -> str:
+    """The fit's closing line on distillation: held-out KL before the first step and after the last epoch."""
+    if kl_final is None:
+        return "Distillation: no held-out KL was measured (no validation split)."
+    return (f"Distillation: held-out KL(teacher ‖ student) after {epochs} epoch{'s' if epochs != 1 else ''} "
+            f"{kl_change(kl_init, kl_final)}.")

@@ -110,6 +110,33 @@ def test_manifest_and_summary(resumed_corpus):
     assert "control accuracy" in result.stdout and "distill rate" in result.stdout
 
 
+def test_compare_scores_every_protocol_once_and_keeps_the_corpus_protocol(resumed_corpus):
+    corpus = resumed_corpus["corpus"]
+    own = stage_file(corpus, "judge")
+    stamp = own.stat().st_mtime_ns
+    corpus_before = (corpus / "corpus.jsonl").read_text()
+    result = run(write_config(resumed_corpus["tmp"], compare=True))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert own.stat().st_mtime_ns == stamp  # the protocol's own scores are reused, not redone
+    assert (corpus / "corpus.jsonl").read_text() == corpus_before  # labels still the configured protocol's
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"queries", "answers", "judge", "judge_pointwise", "judge_likelihood"}
+    compare = manifest["judge_compare"]
+    assert list(compare["protocols"]) == ["strict", "debiased", "pointwise", "likelihood", "pmi"]
+    for row in compare["protocols"].values():
+        assert row["control_n"] == 4 and row["quality_n"] == 4 and 0.0 <= row["distill_rate"] <= 1.0
+    assert compare["agreement"]["pmi"]["pmi"] == 1.0
+    assert "judge protocols on the same" in result.stdout and "agreement of the labels" in result.stdout
+    assert manifest["judge"]["quality_n"] == 4 and "quality" in result.stdout
+    # A likelihood protocol now relabels from the stored likelihood scores: nothing is scored again.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (corpus / "stages").iterdir()}
+    result = run(write_config(resumed_corpus["tmp"], protocol="pmi"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (corpus / "stages").iterdir()} == stamps
+    assert json.loads((corpus / "manifest.json").read_text())["judge"]["protocol"] == "pmi"
+    run(write_config(resumed_corpus["tmp"]))  # back to the module's corpus for the tests after this one
+
+
 def test_relabel_reuses_every_stage_and_one_class_error_names_the_knob(resumed_corpus):
     corpus = resumed_corpus["corpus"]
     stamps = {p.name: p.stat().st_mtime_ns for p in (corpus / "stages").iterdir()}

@@ -149,6 +149,31 @@ def test_fit_exports_and_user_callback_fires(tiny_model, tmp_path):
     assert result["lightning"] == [], "inference imported Lightning"
 
 
+def _logged(path: Path, key: str) -> list[float]:
+    import csv
+
+    return [float(r[key]) for r in csv.DictReader(path.open()) if r.get(key)]
+
+
+def test_fit_measures_the_held_out_kl_before_the_first_step_as_validation_does(tiny_model, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
+    config = fit_config(tmp_path / "fit", tiny_model, corpus)
+    main(["fit", "--config", str(config)])
+    out = capsys.readouterr().out
+    kl_init = _logged(tmp_path / "fit" / "logs" / "metrics.csv", "val/kl_init")
+    assert len(kl_init) == 1 and kl_init[0] > 0
+    # `prism validate` without a checkpoint validates the untrained module: the same number, measured by Lightning.
+    fresh = fit_config(tmp_path / "validate", tiny_model, corpus)
+    main(["validate", "--config", str(fresh)])
+    assert _logged(tmp_path / "validate" / "logs" / "metrics.csv", "val/kl") == pytest.approx(kl_init, rel=1e-5)
+    final = _logged(tmp_path / "fit" / "logs" / "metrics.csv", "val/kl")[-1]
+    change = (final - kl_init[0]) / kl_init[0]
+    assert f"Distillation: held-out KL(teacher ‖ student) after 2 epochs {final:.4f} ({change:+.1%} from " \
+           f"{kl_init[0]:.4f} at initialisation)" in " ".join(out.split())
+    ckpt = torch.load(tmp_path / "fit" / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["prism_kl_at_init"] == pytest.approx(kl_init[0])
+
+
 def test_interrupted_and_resumed_fit_matches_uninterrupted(tiny_model, tmp_path):
     """Tolerance 1e-5 on every logged training loss (dropout 0; the sampler is seeded per epoch)."""
     corpus = write_corpus(tmp_path / "corpus", [1, 0, 0] * 4)
@@ -164,6 +189,11 @@ def test_interrupted_and_resumed_fit_matches_uninterrupted(tiny_model, tmp_path)
     assert len(expected) >= 9 and set(resumed) == set(expected)
     for step, loss in expected.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-5), step
+    # The resumed leg keeps the first leg's initial KL (from the checkpoint) and does not measure it again.
+    assert _logged(interrupted / "logs" / "metrics.csv", "val/kl_init") == []  # the resumed leg's log
+    kl_init = [torch.load(run / "run" / "checkpoints" / "last.ckpt", weights_only=True)["prism_kl_at_init"]
+               for run in (straight, interrupted)]
+    assert kl_init[0] == pytest.approx(kl_init[1])
 
 
 def test_one_class_corpus_names_the_knob(tiny_model, tmp_path, capsys):

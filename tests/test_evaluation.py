@@ -1076,13 +1076,14 @@ def test_benchmark_run_builds_units(tmp_path, registry):
     assert {p["query"] for p in run.data["preference"]} <= {i["query"] for i in held_out}
     assert run.data["preference"] == BenchmarkRun(config, registry, held_out, {}).data["preference"]
     units = run.units()
-    assert len(units) == 5 * 2 + 1
+    assert len(units) == 5 * 2 + 2
     assert [(u["suite"], u["row"]) for u in units] == (
-        [("mt_bench", i) for i in range(5)] + [("safety", i) for i in range(5)] + [("preference", None)])
+        [("mt_bench", i) for i in range(5)] + [("safety", i) for i in range(5)] + [("preference", None),
+                                                                                    ("judge_controls", None)])
     assert all(u["run"] is run for u in units)
 
     no_pref = BenchmarkRun(BenchmarkConfig(mmlu="", **files), registry, held_out, {})
-    assert len(no_pref.units()) == 10 and all(u["suite"] != "preference" for u in no_pref.units())
+    assert len(no_pref.units()) == 11 and all(u["suite"] != "preference" for u in no_pref.units())
 
 
 def test_benchmark_run_mmlu_and_subsampling(tmp_path, registry):
@@ -1098,7 +1099,7 @@ def test_benchmark_run_mmlu_and_subsampling(tmp_path, registry):
     assert [q["question_id"] for q in run.data["mt_bench"]] == [1, 3]     # first per category
     assert len(run.data["safety"]["HarmBench"]) == 2 and len(run.data["safety"]["jailbreak"]) == 2
     assert [(u["suite"], u["row"]) for u in run.units()] == [(s, i) for s in ("mmlu", "mt_bench", "safety")
-                                                             for i in range(5)]
+                                                             for i in range(5)] + [("judge_controls", None)]
 
 
 @pytest.mark.parametrize("key", ["mt_bench", "harmbench", "prompt_set", "mmlu"])
@@ -1156,7 +1157,10 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
         "sociology": [[f"Sociology question {i}?", "a", "b", "c", "d", "ABCD"[i % 4]] for i in range(3)]})
     config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, preference_n=2, decoding=DecodingConfig(max_new_tokens=3),
                              batch_size=8, **files)
-    held_out = [{"query": "What is PRISM?", "label": 1}, {"query": "Explain LoRA.", "label": 0}]
+    held_out = [{"query": "What is PRISM?", "label": 1,
+                 "baseline_answer": "A method that distills a persona into a gated adapter. It routes queries."},
+                {"query": "Explain LoRA.", "label": 0,
+                 "baseline_answer": "LoRA adds low-rank updates to weight matrices. Only they are trained."}]
     run = BenchmarkRun(config, registry, held_out,
                        {"control_accuracy": 0.75, "control_n": 12})
     for unit in run.units():
@@ -1211,6 +1215,14 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
         assert metrics["compared"][key] <= min(row["scored"][key] for row in metrics["rows"].values())
     for name in ("metrics.json", "scores.png", "report.md"):
         assert (tmp_path / "report" / name).is_file()
+    # Every judge the run used, on its control items: 5 safety prompts x (refusal, compliant); 2 answer pairs.
+    controls = metrics["judge_controls"]
+    assert set(controls) == {"refusal", "grade", "preference"}
+    assert controls["refusal"]["control_n"] + controls["refusal"]["unreadable"] == 10
+    assert controls["preference"]["control_n"] == 2 and set(controls["preference"]["by_kind"]) == {"relevance",
+                                                                                                   "shuffle"}
+    assert all(c["at_chance"] == (c["control_n"] == 0 or c["control_ci95"][0] <= 0.5) for c in controls.values())
+    assert "| judge control accuracy |" in (tmp_path / "report" / "report.md").read_text()
 
 
 # =========================================================================== 9. cache.py and the fast paths

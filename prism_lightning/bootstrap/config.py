@@ -56,20 +56,27 @@ class JudgeConfig:
 
     Args:
         protocol: ``strict`` (paper: the persona wins in both orders), ``debiased`` (mean of the two orders'
-            A/B log-prob margins, which cancels a constant position bias, must exceed ``margin``) or
-            ``pointwise`` (expected 1–10 score from log-probs; persona score − baseline score > ``margin``).
-        margin: decision threshold for ``debiased`` (nats) and ``pointwise`` (score points).
+            A/B log-prob margins, which cancels a constant position bias, must exceed ``margin``),
+            ``pointwise`` (expected 1–10 score from log-probs; persona score − baseline score > ``margin``),
+            ``likelihood`` (mean per-token log p(answer | query), no persona in the context) or ``pmi`` (mean
+            per-token log p(answer | query) − log p(answer)); the last two compare the two answers' scores.
+        margin: decision threshold: nats (``debiased``), score points (``pointwise``), nats per token
+            (``likelihood``, ``pmi``).
         model: a separate judge model; unset = the base model judges itself.
         max_answer_tokens: each answer is cut to this many tokens before judging.
-        control_pairs: control pairs (own answer vs another query's answer) that measure the judge.
+        control_pairs: queries whose own answer is checked against another query's answer (relevance control)
+            and against a degraded copy of itself (quality control).
         min_choice_mass: below this probability on the choice tokens a verdict counts as unparseable.
         batch_size: judge prompts per forward pass.
+        compare: also score every pair under every protocol and report them side by side (control accuracies,
+            distill rate, position bias, agreement); the corpus keeps ``protocol``'s labels.
     """
 
-    protocol: Literal["strict", "debiased", "pointwise"] = "debiased"
+    protocol: Literal["strict", "debiased", "pointwise", "likelihood", "pmi"] = "debiased"
     margin: float = 0.0
     model: Optional[BackboneConfig] = None
     max_answer_tokens: int = 256
     control_pairs: int = 48
     min_choice_mass: float = 0.05
     batch_size: int = 8
+    compare: bool = False

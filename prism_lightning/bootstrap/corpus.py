@@ -12,8 +12,12 @@ from typing import Any, Optional
 from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
 from prism_lightning.bootstrap.answers import BASELINE, answer_personas, run_answers
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+from prism_lightning.bootstrap import degrade
+from prism_lightning.bootstrap.compare import compare_protocols
 from prism_lightning.bootstrap.judge import Judge, verdict_sequences
-from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
+from prism_lightning.bootstrap.labels import (SCORER, control_accuracy, control_pairs, label_queries,
+                                              main_comparisons, quality_accuracy, quality_comparisons,
+                                              relevance_comparisons, scoring_items)
 from prism_lightning.bootstrap.queries import run_queries
 from prism_lightning.bootstrap.sharding import Shard, ShardedSink
 from prism_lightning.chat import ChatFormatter, Placement, template_fingerprint
@@ -80,11 +84,10 @@ def check_both_classes(corpus: Corpus, judge: JudgeConfig) -> None:
     if corpus.distill and corpus.retain:
         return
     empty = "distill (label 1)" if not corpus.distill else "retain (label 0)"
-    hint = {"strict": "the persona must win both orders; try data.judge.protocol=debiased",
-            "debiased": f"{'lower' if not corpus.distill else 'raise'} data.judge.margin (now {judge.margin})",
-            "pointwise": f"{'lower' if not corpus.distill else 'raise'} data.judge.margin (now {judge.margin})"}
+    hint = ("the persona must win both orders; try data.judge.protocol=debiased" if judge.protocol == "strict"
+            else f"{'lower' if not corpus.distill else 'raise'} data.judge.margin (now {judge.margin})")
     raise PrismError(f"{corpus.directory / 'corpus.jsonl'}: the {empty} set is empty ({n} items, "
-                     f"data.judge.protocol={judge.protocol}); {hint[judge.protocol]}, or set data.judge.model "
+                     f"data.judge.protocol={judge.protocol}); {hint}, or set data.judge.model "
                      f"to a stronger judge")
 
 
@@ -99,20 +102,33 @@ class CorpusBuilder:
         self.placement = placement
         self.directory = Path(directory)
 
+    def scorer_kinds(self) -> list[str]:
+        """The judge scorers this run needs: the protocol's, or all of them when comparing protocols."""
+        own = SCORER[self.judge.protocol]
+        return [own] + ([k for k in ("pairwise", "pointwise", "likelihood") if k != own] if self.judge.compare
+                        else [])
+
     def stage_hashes(self, backbone: Backbone, judge_backbone: Backbone) -> dict[str, str]:
-        """Hash per stage; a stage's hash covers its own config and every upstream stage's hash."""
+        """Hash per stage; a stage's hash covers its own config and every upstream stage's hash.
+
+        The judge stage has one file per scorer kind (``judge`` for the protocol's, ``judge_<kind>`` for the others
+        that ``compare`` adds).
+        """
         personas = {p.name: p.text for p in self.registry}
         # Every prompt is rendered through the chat template (and its variables): a new template is a new stage.
         h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
                                 personas, self.queries)
         h_answers = stable_hash(h_queries, self.answers, self.placement)
-        judge_kind = "pointwise" if self.judge.protocol == "pointwise" else "pairwise"
-        # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
-        # The stored log-probs are those of the choices' token sequences, so the sequences are part of the hash.
-        h_judge = stable_hash(h_answers, judge_backbone.fingerprint, template_fingerprint(judge_backbone.tokenizer),
-                              judge_kind, verdict_sequences(judge_backbone.tokenizer, judge_kind),
-                              self.judge.max_answer_tokens, self.judge.control_pairs)
-        return {"queries": h_queries, "answers": h_answers, "judge": h_judge}
+        hashes = {"queries": h_queries, "answers": h_answers}
+        for k, kind in enumerate(self.scorer_kinds()):
+            # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
+            # The stored log-probs are those of the choices' token sequences, so the sequences are part of the hash;
+            # so are the controls (two kinds, the quality ones made by degrade.py's generators).
+            hashes["judge" if k == 0 else f"judge_{kind}"] = stable_hash(
+                h_answers, judge_backbone.fingerprint, template_fingerprint(judge_backbone.tokenizer), kind,
+                verdict_sequences(judge_backbone.tokenizer, kind), self.judge.max_answer_tokens,
+                self.judge.control_pairs, ["relevance", "quality", degrade.VERSION])
+        return hashes
 
     def build(self) -> Corpus:
         """Run (or resume) all stages, then write ``corpus.jsonl`` and ``manifest.json``.
@@ -146,13 +162,23 @@ class CorpusBuilder:
         start = time.perf_counter()
         candidates = {q["id"]: answer_personas(q, self.registry, self.answers) for q in queries}
         controls = control_pairs(queries, self.judge.control_pairs)
-        scores = self._judge(judge_backbone, queries, candidates, answers, controls,
-                             ShardedSink(stages / f"judge-{hashes['judge']}.jsonl", shard))
+        comparisons = (main_comparisons(queries, candidates, answers) + relevance_comparisons(controls, answers)
+                       + quality_comparisons(controls, answers))
+        judge = Judge(judge_backbone, self.judge)
+        by_kind = {}
+        for k, kind in enumerate(self.scorer_kinds()):
+            sink = ShardedSink(stages / f"judge-{hashes['judge' if k == 0 else f'judge_{kind}']}.jsonl", shard)
+            judge.score(kind, scoring_items(kind, comparisons), sink)
+            by_kind[kind] = {r["id"]: r for r in sink.records()}
+        scores = by_kind[SCORER[self.judge.protocol]]
         items, stats = label_queries(queries, candidates, answers, scores, self.judge)
         stats.update(control_accuracy(controls, scores, self.judge))
+        stats.update(quality_accuracy(controls, scores, self.judge))
         timings["judge"] = time.perf_counter() - start
 
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
+        if self.judge.compare:
+            manifest["judge_compare"] = compare_protocols(queries, candidates, controls, by_kind, self.judge)
         manifest["seconds"], manifest["world_size"] = self._reused_stage_facts(hashes, manifest["seconds"],
                                                                               shard.world)
 
@@ -186,24 +212,6 @@ class CorpusBuilder:
         # A manifest written before sharding existed records no world size: its stages ran in one process.
         worlds = {k: old_worlds.get(k, 1) if k in reused else world for k in hashes}
         return seconds, worlds
-
-    def _judge(self, judge_backbone: Backbone, queries: list[dict], candidates: dict[str, list[str]],
-               answers: dict[str, dict[str, str]], controls: list[tuple[dict, dict]], sink: JsonlSink) -> dict:
-        judge = Judge(judge_backbone, self.judge)
-        if self.judge.protocol == "pointwise":
-            graded = [{"id": f"point/{q['id']}/{name}", "question": q["query"], "answer": answers[q["id"]][name]}
-                      for q in queries for name in [BASELINE, *candidates[q["id"]]]]
-            graded += [{"id": f"point/control/{q['id']}/{o['id']}", "question": q["query"],
-                        "answer": answers[o["id"]][BASELINE]} for q, o in controls]
-            judge.score_points(graded, sink, "stage 3 judge (pointwise)")
-        else:
-            pairs = [{"id": f"{q['id']}/{name}", "question": q["query"], "candidate": answers[q["id"]][name],
-                      "baseline": answers[q["id"]][BASELINE]} for q in queries for name in candidates[q["id"]]]
-            pairs += [{"id": f"control/{q['id']}/{o['id']}", "question": q["query"],
-                       "candidate": answers[q["id"]][BASELINE], "baseline": answers[o["id"]][BASELINE]}
-                      for q, o in controls]
-            judge.score_pairs(pairs, sink, "stage 3 judge (pairwise, both orders)")
-        return {r["id"]: r for r in sink.records()}
 
     def _manifest(self, backbone: Backbone, judge_backbone: Backbone, hashes: dict, queries: list[dict],
                   items: list[dict], stats: dict, timings: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Stage 3 scoring: the judge model's log-probs of the answers A / B / TIE (pairwise) or of the grades 1–10."""
+"""Stage 3 scoring: the judge model's log-probs of the answers A / B / TIE (pairwise), of the grades 1–10
+(pointwise), or of the answer itself given the query and without it (likelihood, pmi)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.sharding import run_stage, stage_progress, todo_batches
 from prism_lightning.chat import ChatFormatter
 from prism_lightning.choices import ChoiceReader, require_direct_answer
-from prism_lightning.generation import token_logprobs
+from prism_lightning.generation import continuation_logprob, token_logprobs
 from prism_lightning.jsonl import JsonlSink
 
 JUDGE_SYSTEM = ("You are a fair and rigorous judge of answers. Judge correctness first, then relevance, "
@@ -27,7 +28,12 @@ NOT_A_VERDICT = "set data.judge.model to a non-reasoning judge model"
 
 
 def verdict_sequences(tokenizer, kind: str) -> list[list[int]]:
-    """The token sequences a judge of ``kind`` (pairwise / pointwise) reads: what its stored records depend on."""
+    """The token sequences a judge of ``kind`` (pairwise / pointwise) reads: what its stored records depend on.
+
+    A likelihood judge reads no verdict: the answer's own tokens are what it scores.
+    """
+    if kind == "likelihood":
+        return []
     reader = ChoiceReader(tokenizer, GRADES if kind == "pointwise" else PAIRWISE_CHOICES)
     return [list(ids) for ids in reader.sequences]
 
@@ -89,6 +95,34 @@ class Judge:
                     for k, item in enumerate(batch)]
 
         self._run(items, sink, description, score)
+
+    def score_likelihood(self, answers: list[dict], sink: JsonlSink, description: str) -> None:
+        """Score each ``{"id", "question", "answer"}`` by the answer's log-likelihood as the reply to the question
+        (``cond``) and to an empty user turn (``uncond``), both without any persona, with its token count."""
+        tokenizer = self.backbone.tokenizer
+        empty = self.formatter.prompt_ids("")
+        items = [{"id": a["id"], "prompt_ids": self.formatter.prompt_ids(a["question"]),
+                  "answer_ids": tokenizer(self.truncate(a["answer"]), add_special_tokens=False)["input_ids"]}
+                 for a in answers]
+
+        def score(batch: list[dict]) -> list[dict]:
+            prompts = [i["prompt_ids"] for i in batch] + [empty] * len(batch)
+            sums = continuation_logprob(self.backbone.model, tokenizer.pad_token_id, self.backbone.device, prompts,
+                                        [i["answer_ids"] for i in batch] * 2)
+            n = len(batch)
+            return [{"id": item["id"], "cond": float(sums[k]), "uncond": float(sums[n + k]),
+                     "tokens": len(item["answer_ids"])} for k, item in enumerate(batch)]
+
+        self._run(items, sink, description, score)
+
+    def score(self, kind: str, items: list[dict], sink: JsonlSink) -> None:
+        """Score ``items`` (``labels.scoring_items``) with the scorer of ``kind``."""
+        if kind == "pairwise":
+            self.score_pairs(items, sink, "stage 3 judge (pairwise, both orders)")
+        elif kind == "pointwise":
+            self.score_points(items, sink, "stage 3 judge (pointwise)")
+        else:
+            self.score_likelihood(items, sink, "stage 3 judge (likelihood)")
 
     def score_points(self, answers: list[dict], sink: JsonlSink, description: str) -> None:
         """Grade each ``{"id", "question", "answer"}`` 1–10; store log P(grade g is the answer), g = 1..10."""

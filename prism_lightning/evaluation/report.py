@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from prism_lightning.evaluation.judge_controls import judge_line
+
 
 def print_table(metrics: dict, console: Console | None = None) -> None:
     """Subcategories × rows with Overall last (the paper's Table 1, transposed to fit a terminal)."""
@@ -19,11 +21,15 @@ def print_table(metrics: dict, console: Console | None = None) -> None:
     table.add_column("items", justify="right")
     for name in rows:
         table.add_column(name, justify="right")
+    controls = metrics.get("judge_controls") or {}
+    if controls:
+        table.add_column("judge control", justify="right")
     for s in metrics["subcategories"]:
+        judged = [judge_cell(controls, s)] if controls else []
         table.add_row(s, _items(metrics, s), *[_cell(row["scores"].get(s), row.get("intervals", {}).get(s))
-                                               for row in rows.values()])
+                                               for row in rows.values()], *judged)
     table.add_row("Overall", "", *[_cell(row["overall"], row.get("overall_ci95")) for row in rows.values()],
-                  style="bold", end_section=True)
+                  *([""] if controls else []), style="bold", end_section=True)
     console.print(table)
     for line in summary_lines(metrics):
         console.print(line)
@@ -32,6 +38,8 @@ def print_table(metrics: dict, console: Console | None = None) -> None:
 def summary_lines(metrics: dict) -> list[str]:
     """The sentences under the table: what Overall averages, preference, routing analysis, turn-2 routing."""
     lines = [_overall_line(metrics)]
+    for name, control in (metrics.get("judge_controls") or {}).items():
+        lines.append(judge_line(name.capitalize(), control))
     pref = metrics.get("preference")
     if pref:
         lines.append(_preference_line(pref))
@@ -72,6 +80,20 @@ def _preference_line(pref: dict) -> str:
             f"{_fmt(pref['win_rate_decided'])}% (n = {pref['wins'] + pref['losses']}). Corpus judge control "
             f"accuracy {pref.get('judge_control_accuracy')} (n = {pref.get('judge_control_n')}); a win rate means "
             f"little when that is near chance.")
+
+
+# The judge whose verdicts make each suite's scores (MMLU is read from letter log-probs: no judge).
+SUITE_JUDGE = {"MT-Bench": "grade", "Safety": "refusal"}
+
+
+def judge_cell(controls: dict, subcategory: str) -> str:
+    """The control accuracy of the judge behind ``subcategory``'s scores, marked when it is at chance."""
+    control = controls.get(SUITE_JUDGE.get(subcategory.split("/")[0], ""))
+    if not control or not control.get("control_n"):
+        return "–"
+    low, high = control["control_ci95"]
+    return (f"{control['control_accuracy']:.0%} ({low:.0%}–{high:.0%})"
+            + (" AT CHANCE" if control["at_chance"] else ""))
 
 
 def _items(metrics: dict, key: str) -> str:
@@ -144,6 +166,11 @@ def write_report(metrics: dict, directory: Path) -> Path:
         intervals = row.get("intervals", {})
         lines.append(f"| {name} | " + " | ".join(_cell(row["scores"].get(s), intervals.get(s)) for s in subcats) +
                      f" | {_cell(row['overall'], row.get('overall_ci95'))} |")
+    controls = metrics.get("judge_controls") or {}
+    if controls:
+        lines.append("| judge control accuracy | " + " | ".join(judge_cell(controls, s) for s in subcats) + " | |")
+        lines += ["", "Judges on control items whose right verdict is known (a score from a judge AT CHANCE is not "
+                      "a reading): " + " ".join(judge_line(n.capitalize(), c) for n, c in controls.items())]
     lines += ["", "Items per subcategory (MT-Bench: turns): " +
               ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()) + ". Scored by every row, and compared: " +
               ", ".join(f"{k} {v}" for k, v in metrics.get("compared", {}).items()) + ".", "",

@@ -14,6 +14,7 @@ from prism_lightning.features import capture_layer0, gather_positions
 from prism_lightning.modules.gate import IntentGate, deployed_gate_metrics, gate_metrics
 from prism_lightning.modules.student import DistillationStudent, LoraSettings, adamw, as_dataclass, with_schedule
 from prism_lightning.progress import announce
+from prism_lightning.summary import kl_change
 
 
 class PrismModule(DistillationStudent):
@@ -84,7 +85,8 @@ class PrismModule(DistillationStudent):
         """One plain line per epoch (Slurm logs and CI have no progress bar)."""
         shown = ("train/kl", "train/gate_loss", "val/kl", "val/gate_auroc", "val/gate_balanced_acc")
         metrics = self.trainer.callback_metrics
-        values = ", ".join(f"{k} {float(metrics[k]):.4f}" for k in shown if k in metrics)
+        values = ", ".join(f"{k} {kl_change(self.kl_at_init, float(metrics[k]))}" if k == "val/kl"
+                           else f"{k} {float(metrics[k]):.4f}" for k in shown if k in metrics)
         if self.trainer.is_global_zero:
             announce("epoch", f"{self.current_epoch} of {self.trainer.max_epochs} done: {values}")
 

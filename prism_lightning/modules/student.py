@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 import torch
 
 from prism_lightning import rng_state
@@ -113,6 +114,8 @@ class DistillationStudent(L.LightningModule):
         self.model: Optional[Any] = None
         self.prefix_states = PrefixStates()  # the frozen teacher's persona-block keys/values
         self.strict_loading = False  # checkpoints hold only trainable weights, never the frozen base
+        # Held-out KL(teacher ‖ student) before the first step: what distillation starts from (kept in checkpoints).
+        self.kl_at_init: Optional[float] = None
 
     @property
     def backbone(self) -> Backbone:
@@ -309,6 +312,40 @@ class DistillationStudent(L.LightningModule):
         self.check_validation(out, batch_idx)
         self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
 
+    def on_train_start(self) -> None:
+        """Measure the held-out KL before the first step (``val/kl_init``); a resumed fit keeps the stored one."""
+        if self.kl_at_init is not None or self.trainer.datamodule is None or not self.trainer.limit_val_batches:
+            return
+        with isolate_rng():  # the measurement must not shift the training's random draws
+            self.kl_at_init = self.held_out_kl()
+        for logger in self.loggers:
+            logger.log_metrics({"val/kl_init": self.kl_at_init}, step=0)
+
+    @torch.no_grad()
+    def held_out_kl(self) -> float:
+        """The held-out KL as a validation pass measures ``val/kl``: the batch-size-weighted mean of the batches'
+        per-token KL, averaged over ranks. Eval mode, no grad, the trainer's precision; every rank runs every
+        batch of its share (under ZeRO-3 each forward is a collective)."""
+        loader = self.trainer.datamodule.val_dataloader()
+        limit = self.trainer.limit_val_batches
+        batches = len(loader) if isinstance(limit, float) and limit >= 1.0 else (
+            math.ceil(limit * len(loader)) if isinstance(limit, float) else min(int(limit), len(loader)))
+        was_training = self.model.training
+        self.model.eval()
+        total, weight = 0.0, 0
+        try:
+            with self.trainer.precision_plugin.val_step_context():
+                for index, batch in enumerate(loader):
+                    if index >= batches:
+                        break
+                    batch = self.trainer.strategy.batch_to_device(batch)
+                    kl = self.distill_loss(batch, self.student_hidden(batch))["kl"]
+                    total, weight = total + float(kl) * len(batch["ids"]), weight + len(batch["ids"])
+        finally:
+            self.model.train(was_training)
+        means = [t / w for t, w in all_gather_objects((total, weight)) if w]
+        return sum(means) / len(means) if means else float("nan")
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA weights."""
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -325,10 +362,12 @@ class DistillationStudent(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["prism_base_model"] = self.backbone.reference
         checkpoint["prism_rng"] = rng_state.capture_all_ranks()
+        checkpoint["prism_kl_at_init"] = self.kl_at_init
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint made for another base model; restore the random state saved with it."""
         check_base_model(checkpoint.get("prism_base_model"), self.backbone, "checkpoint")
+        self.kl_at_init = checkpoint.get("prism_kl_at_init", self.kl_at_init)
         trainer = self._trainer  # None when `prism export` loads a checkpoint outside any loop
         if trainer is not None and trainer.state.fn == "fit":
             problem = rng_state.restore(checkpoint.get("prism_rng"), trainer.global_rank, trainer.world_size)

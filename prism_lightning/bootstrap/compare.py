@@ -1,0 +1,84 @@
+"""Every judge protocol on the same pairs, side by side: the evidence for choosing ``data.judge.protocol``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from prism_lightning.bootstrap.config import JudgeConfig
+from prism_lightning.bootstrap.labels import (PROTOCOLS, SCORER, control_accuracy, controls_verdict, decide,
+                                              judge_statistics, main_comparisons, quality_accuracy)
+
+
+def _query_labels(queries: list[dict], candidates: dict[str, list[str]], comparisons, labels: torch.Tensor):
+    """A query is distilled when any of its persona answers wins (as ``label_queries`` decides)."""
+    won = {c.id for c, lab in zip(comparisons, labels.tolist()) if lab}
+    return torch.tensor([any(f"{q['id']}/{n}" in won for n in candidates[q["id"]]) for q in queries])
+
+
+def compare_protocols(queries: list[dict], candidates: dict[str, list[str]], pairs: list[tuple[dict, dict]],
+                      scores_by_kind: dict[str, dict], config: JudgeConfig) -> dict:
+    """Per protocol: both control accuracies with intervals, distill rate, position bias, unreadable verdicts;
+    and the share of queries on which each two protocols give the same label. All at margin 0, where every
+    protocol's decision means "the persona answer is better"."""
+    config = replace(config, margin=0.0)
+    comparisons = main_comparisons(queries, candidates)
+    rows, labels = {}, {}
+    for protocol in PROTOCOLS:
+        scores = scores_by_kind[SCORER[protocol]]
+        d = decide(protocol, comparisons, scores, config)
+        labels[protocol] = _query_labels(queries, candidates, comparisons, d.label)
+        row = {**judge_statistics(protocol, d), **control_accuracy(pairs, scores, config, protocol),
+               **quality_accuracy(pairs, scores, config, protocol),
+               "distill_rate": round(float(labels[protocol].float().mean()), 4) if queries else None}
+        row["verdict"] = controls_verdict(row)
+        rows[protocol] = row
+    agreement = {a: {b: round(float((labels[a] == labels[b]).float().mean()), 4) if queries else None
+                     for b in PROTOCOLS} for a in PROTOCOLS}
+    return {"queries": len(queries), "pairs": len(comparisons), "control_pairs": len(pairs), "margin": 0.0,
+            "protocols": rows, "agreement": agreement, "best": best_protocol(rows)}
+
+
+def best_protocol(rows: dict[str, dict]) -> Optional[str]:
+    """The protocol whose weaker control interval lies highest (lower bounds), if it lies above chance."""
+    def floor(row: dict) -> float:
+        return min(row["control_ci95"][0] if row["control_n"] else 0.0,
+                   row["quality_ci95"][0] if row["quality_n"] else 0.0)
+    best = max(rows, key=lambda p: (floor(rows[p]), rows[p]["control_accuracy"] or 0.0), default=None)
+    return best if best is not None and floor(rows[best]) > 0.5 else None
+
+
+def _accuracy_cell(row: dict, prefix: str) -> str:
+    acc, n, (low, high) = row[f"{prefix}_accuracy"], row[f"{prefix}_n"], row[f"{prefix}_ci95"]
+    return "–" if acc is None else f"{acc:.0%} ({low:.0%}–{high:.0%}) n={n}"
+
+
+def print_comparison(compare: dict, console: Optional[Console] = None) -> None:
+    """The protocol table and the agreement matrix, with the protocol the evidence points to."""
+    console = console or Console()
+    table = Table(title=f"judge protocols on the same {compare['pairs']} pairs ({compare['queries']} queries, "
+                        f"margin 0)")
+    for col in ("protocol", "relevance control", "quality control", "distill rate", "position bias", "unreadable",
+                "controls"):
+        table.add_column(col, justify="left" if col == "protocol" else "right")
+    for protocol, row in compare["protocols"].items():
+        bias = "n/a" if row["position_bias_rate"] is None else f"{row['position_bias_rate']:.0%}"
+        rate = "–" if row["distill_rate"] is None else f"{row['distill_rate']:.0%}"
+        table.add_row(protocol, _accuracy_cell(row, "control"), _accuracy_cell(row, "quality"), rate, bias,
+                      str(row["unparseable"]), row["verdict"])
+    console.print(table)
+    agree = Table(title="agreement of the labels (share of queries labelled alike)")
+    agree.add_column("")
+    for protocol in compare["agreement"]:
+        agree.add_column(protocol, justify="right")
+    for a, row in compare["agreement"].items():
+        agree.add_row(a, *("–" if v is None else f"{v:.0%}" for v in row.values()))
+    console.print(agree)
+    best = compare.get("best")
+    console.print(f"Protocol whose control intervals lie highest: {best} (data.judge.protocol={best})." if best else
+                  "No protocol has both control intervals above chance: none of these judges can be told from "
+                  "noise on this model; set data.judge.model to a stronger judge.")
