@@ -80,6 +80,8 @@ def print_corpus_lines(corpus: Corpus, console: Console) -> None:
     console.print(f"corpus: {c['queries']} queries -> {c['distill']} distill / {c['retain']} retain "
                   f"({corpus.directory})")
     print_judge_lines(corpus, console)
+    if corpus.manifest.get("judge_compare"):
+        print_comparison(corpus.manifest["judge_compare"], console)
 
 
 def kl_change(kl_init: Optional[float], kl_now: float) -> str:

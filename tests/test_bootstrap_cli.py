@@ -115,7 +115,7 @@ def test_compare_scores_every_protocol_once_and_keeps_the_corpus_protocol(resume
     own = stage_file(corpus, "judge")
     stamp = own.stat().st_mtime_ns
     corpus_before = (corpus / "corpus.jsonl").read_text()
-    result = run(write_config(resumed_corpus["tmp"], compare=True))
+    result = run(write_config(resumed_corpus["tmp"]), "--data.judge.compare", "true")  # as the README has it
     assert result.returncode == 0, result.stderr[-2000:]
     assert own.stat().st_mtime_ns == stamp  # the protocol's own scores are reused, not redone
     assert (corpus / "corpus.jsonl").read_text() == corpus_before  # labels still the configured protocol's

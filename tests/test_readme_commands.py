@@ -101,9 +101,22 @@ def test_fit_tells_the_truth_about_judge_and_gate(table_run):
     text = fit.stdout + fit.stderr
     for stage in ("bootstrap", "training", "calibration", "export"):
         assert f"== prism: {stage}" in text, stage
-    assert "Judge control accuracy" in text
+    assert "Judge control accuracy: relevance" in text and "quality" in text
+    flat = " ".join(text.split())
+    assert re.search(r"Distillation: held-out KL\(teacher ‖ student\) after 2 epochs [\d.]+ \([+-][\d.]+% from "
+                     r"[\d.]+ at initialisation\)", flat), flat[-3000:]
     assert re.search(r"Gate: held-out AUROC [\d.]+ \(95% CI", text)
     assert "Tip:" not in text and "tensorboardX" not in text
+
+
+def test_prism_test_shows_each_judges_control_accuracy(table_run):
+    test = next(r["out"] for r in table_run["results"] if r["command"].startswith("prism test"))
+    flat = " ".join((test.stdout + test.stderr).split())
+    for judge in ("Refusal", "Grade", "Preference"):
+        assert re.search(rf"{judge} judge control accuracy \d+% \(95% CI \d+%–\d+%, n = \d+\)\. "
+                         r"(AT CHANCE|Above chance)", flat), judge
+    report = (table_run["tmp"] / "run" / "benchmark" / "report.md").read_text()
+    assert "| judge control accuracy |" in report
 
 
 def test_commands_that_read_a_run_leave_its_files_alone(table_run):

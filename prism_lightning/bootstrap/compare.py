@@ -53,18 +53,19 @@ def best_protocol(rows: dict[str, dict]) -> Optional[str]:
 
 
 def _accuracy_cell(row: dict, prefix: str) -> str:
-    acc, n, (low, high) = row[f"{prefix}_accuracy"], row[f"{prefix}_n"], row[f"{prefix}_ci95"]
-    return "–" if acc is None else f"{acc:.0%} ({low:.0%}–{high:.0%}) n={n}"
+    acc, (low, high) = row[f"{prefix}_accuracy"], row[f"{prefix}_ci95"]
+    return "–" if acc is None else f"{acc:.0%} ({100 * low:.0f}–{100 * high:.0f})"
 
 
 def print_comparison(compare: dict, console: Optional[Console] = None) -> None:
     """The protocol table and the agreement matrix, with the protocol the evidence points to."""
     console = console or Console()
+    if not console.is_terminal and console.width < 100:  # logs: room for every column, never cut names
+        console = Console(file=console.file, width=100)
     table = Table(title=f"judge protocols on the same {compare['pairs']} pairs ({compare['queries']} queries, "
-                        f"margin 0)")
-    for col in ("protocol", "relevance control", "quality control", "distill rate", "position bias", "unreadable",
-                "controls"):
-        table.add_column(col, justify="left" if col == "protocol" else "right")
+                        f"margin 0); control accuracy (95% CI) on {compare['control_pairs']} pairs of each kind")
+    for col in ("protocol", "relevance", "quality", "distill", "A/B bias", "unread", "controls"):
+        table.add_column(col, justify="left" if col == "protocol" else "right", no_wrap=True)
     for protocol, row in compare["protocols"].items():
         bias = "n/a" if row["position_bias_rate"] is None else f"{row['position_bias_rate']:.0%}"
         rate = "–" if row["distill_rate"] is None else f"{row['distill_rate']:.0%}"

@@ -119,7 +119,7 @@ class PrismModule(DistillationStudent):
         self.val_gate_outputs.append({"ids": batch["ids"], "logits": self.gate.mlp(features).detach().cpu(),
                                       "labels": batch["label"].detach().cpu()})
         # Averaged over ranks; a rank's share may repeat an item or two so that all ranks run equally many batches.
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]), sync_dist=True)
+        self.log_validation(out, batch, sync_dist=True)
 
     def held_out_gate(self) -> dict:
         """This pass's raw gate logits and labels over the whole validation split, gathered from every rank.

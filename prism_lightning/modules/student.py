@@ -310,7 +310,14 @@ class DistillationStudent(L.LightningModule):
         """Held-out KL."""
         out = self.distill_loss(batch, self.student_hidden(batch))
         self.check_validation(out, batch_idx)
-        self.log_dict({f"val/{k}": v for k, v in out.items()}, batch_size=len(batch["ids"]))
+        self.log_validation(out, batch)
+
+    def log_validation(self, out: dict[str, torch.Tensor], batch: dict, sync_dist: bool = False) -> None:
+        """Log held-out losses: each KL term as a mean per loss token over the split (a batch weighs by its loss
+        tokens, so batches without distill rows do not pull it toward 0), the others per row."""
+        weights = loss_tokens(batch)
+        for key, value in out.items():
+            self.log(f"val/{key}", value, batch_size=weights.get(key, len(batch["ids"])), sync_dist=sync_dist)
 
     def on_train_start(self) -> None:
         """Measure the held-out KL before the first step (``val/kl_init``); a resumed fit keeps the stored one."""
@@ -323,8 +330,8 @@ class DistillationStudent(L.LightningModule):
 
     @torch.no_grad()
     def held_out_kl(self) -> float:
-        """The held-out KL as a validation pass measures ``val/kl``: the batch-size-weighted mean of the batches'
-        per-token KL, averaged over ranks. Eval mode, no grad, the trainer's precision; every rank runs every
+        """The held-out KL as a validation pass measures ``val/kl``: the mean per distill token of this rank's
+        share, averaged over ranks. Eval mode, no grad, the trainer's precision; every rank runs every
         batch of its share (under ZeRO-3 each forward is a collective)."""
         loader = self.trainer.datamodule.val_dataloader()
         limit = self.trainer.limit_val_batches
@@ -340,7 +347,8 @@ class DistillationStudent(L.LightningModule):
                         break
                     batch = self.trainer.strategy.batch_to_device(batch)
                     kl = self.distill_loss(batch, self.student_hidden(batch))["kl"]
-                    total, weight = total + float(kl) * len(batch["ids"]), weight + len(batch["ids"])
+                    tokens = loss_tokens(batch)["kl"]
+                    total, weight = total + float(kl) * tokens, weight + tokens
         finally:
             self.model.train(was_training)
         means = [t / w for t, w in all_gather_objects((total, weight)) if w]
@@ -373,6 +381,13 @@ class DistillationStudent(L.LightningModule):
             problem = rng_state.restore(checkpoint.get("prism_rng"), trainer.global_rank, trainer.world_size)
             if problem:
                 rank_zero_warn(problem)
+
+
+def loss_tokens(batch: dict) -> dict[str, int]:
+    """Response tokens each KL term averages over in ``batch``: distill rows (``kl``), retain rows (``retain_kl``)."""
+    distill = batch["label"] > 0.5
+    return {"kl": int((batch["response_mask"] & distill[:, None]).sum()),
+            "retain_kl": int((batch["response_mask"] & ~distill[:, None]).sum())}
 
 
 def adamw(params: Any, lr: float, weight_decay: float, trainer: Any = None) -> torch.optim.Optimizer:
