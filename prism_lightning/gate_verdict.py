@@ -65,7 +65,8 @@ def gate_verdict(logits: torch.Tensor, labels: torch.Tensor, temperature: float 
     if reasons:
         text = (head + " The gate is no better than chance (" + "; ".join(reasons) + "): its routes are "
                 "arbitrary. Change: more queries (data.queries.per_persona), a judge whose control accuracy is above "
-                "chance (data.judge.model), more epochs or a different model.init_args.gate_lr.")
+                "chance (data.judge.model), more epochs or a different model.init_args.gate_lr; and check that "
+                "anything in a query predicts the labels at all (bench/label_separability.py).")
     else:
         text = head + " The gate separates distill from retain items better than chance."
     return GateVerdict(auroc, low, high, len(labels), spread, temperature, not reasons, text)
