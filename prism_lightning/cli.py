@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from prism_lightning.adapters import adapter_names
 from prism_lightning.bootstrap.corpus import check_both_classes
 from prism_lightning.bootstrap.sharding import Shard
 from prism_lightning.data import BootstrapDataModule
@@ -220,6 +221,9 @@ class PrismCLI(LightningCLI):
         """One backbone and placement for data and model (defined under ``data``), one top-k (under ``model``)."""
         parser.link_arguments("data.backbone", "model.init_args.backbone", apply_on="parse")
         parser.link_arguments("data.placement", "model.init_args.placement", apply_on="parse")
+        # K-way PRISM: the contexts' grouping is data; the model trains one adapter per group.
+        parser.link_arguments("data.adapters", "model.init_args.adapters", compute_fn=adapter_names,
+                              apply_on="parse")
         # The cached teacher keeps the k the loss reads: defined on the model, linked to the data.
         parser.link_arguments("model.init_args.top_k", "data.teacher_top_k", apply_on="parse")
 

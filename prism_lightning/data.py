@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from prism_lightning.adapters import adapter_of
 from prism_lightning.backbone import BackboneConfig, load_backbone
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
 from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
@@ -27,7 +28,7 @@ from prism_lightning.prefix_states import shared_prefix_len
 from prism_lightning.progress import announce
 from prism_lightning.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
 from prism_lightning.teacher_cache import TeacherCache, TeacherMode, build_teacher_cache, item_key
-from prism_lightning.teacher_text import TeacherText, teacher_texts
+from prism_lightning.teacher_text import TeacherText, teacher_placements, teacher_texts
 
 
 def stratified_split(items: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -51,30 +52,36 @@ class Collator:
     persona_texts: dict[str, str]
     max_length: int = 512
     teacher_cache: Optional[TeacherCache] = None  # adds the distill rows' cached teacher top-k to each batch
-    _prefixes: dict[Optional[str], list[int]] = field(default_factory=dict, init=False, repr=False)
+    placements: dict[str, str] = field(default_factory=dict)  # contexts whose kind fixes a placement
+    adapter_of: dict[str, int] = field(default_factory=dict)  # context -> adapter index (K-way; empty: one adapter)
+    _prefixes: dict[tuple, list[int]] = field(default_factory=dict, init=False, repr=False)
 
     def encode_item(self, item: dict) -> dict:
         """Student and teacher encodings of one item; retain items use the baseline answer and no persona."""
         distill = item["label"] == 1
         response = item["persona_answer"] if distill else item["baseline_answer"]
         persona = self.teacher_text(item["target_persona"]) if distill else None
+        placement = self.placements.get(item["target_persona"]) if distill else None
         student = self.formatter.encode(item["query"], response)
-        teacher = self.formatter.encode(item["query"], response, persona)
+        teacher = self.formatter.encode(item["query"], response, persona, placement)
         room = self.max_length - max(student.prompt_len, teacher.prompt_len)
         if room < 1:
             raise PrismError(f"item {item['id']}: prompt longer than data.max_length={self.max_length}; raise it")
         n_resp = min(len(student.response_ids), room)
         # The teacher's persona block is shared by every item of the persona: its keys/values are computed once.
-        shared = shared_prefix_len(teacher.input_ids, self.context_prefix(persona), teacher.prompt_len - 1)
+        prefix = self.context_prefix(persona, placement)
+        shared = shared_prefix_len(teacher.input_ids, prefix, teacher.prompt_len - 1)
         return {"student": student.input_ids[:student.prompt_len + n_resp], "s_start": student.prompt_len,
                 "teacher": teacher.input_ids[:teacher.prompt_len + n_resp], "t_start": teacher.prompt_len,
-                "t_prefix": shared, "n_resp": n_resp, "label": float(item["label"]), "id": item["id"]}
+                "t_prefix": shared, "n_resp": n_resp, "label": float(item["label"]), "id": item["id"],
+                "route": 1 + self.adapter_of.get(item["target_persona"], 0) if distill else 0}
 
-    def context_prefix(self, persona: Optional[str]) -> list[int]:
-        """The formatter's prefix for this persona, computed once per collator."""
-        if persona not in self._prefixes:
-            self._prefixes[persona] = self.formatter.context_prefix(persona)
-        return self._prefixes[persona]
+    def context_prefix(self, persona: Optional[str], placement: Optional[str] = None) -> list[int]:
+        """The formatter's prefix for this persona and placement, computed once per collator."""
+        key = (persona, placement)
+        if key not in self._prefixes:
+            self._prefixes[key] = self.formatter.context_prefix(persona, placement)
+        return self._prefixes[key]
 
     def teacher_text(self, name: str) -> str:
         """The teacher's persona text; an unknown name is an error, never a persona-less (KL = 0) teacher."""
@@ -99,7 +106,8 @@ class Collator:
                  "student_pos": s_pos, "teacher_pos": t_pos, "response_mask": resp_mask,
                  "teacher_prefix": torch.tensor([e["t_prefix"] for e in enc]),
                  "feature_pos": torch.tensor([e["s_start"] - 1 for e in enc]),
-                 "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc]}
+                 "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc],
+                 "route": torch.tensor([e["route"] for e in enc])}
         if self.teacher_cache is not None:
             batch.update(self.cached_targets(enc, r))
         return batch
@@ -142,6 +150,8 @@ class BootstrapDataModule(L.LightningDataModule):
             step then costs about a plain LoRA step). The loss is the same either way.
         teacher_top_k: the k the cache keeps (linked from ``model.top_k``; 0 = full vocabulary, which ``cached``
             refuses).
+        adapters: K-way PRISM: adapter name -> the contexts it distils (each context in one); the gate learns none
+            vs which adapter. Empty (default): one adapter for every context, binary PRISM.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
@@ -151,7 +161,7 @@ class BootstrapDataModule(L.LightningDataModule):
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
                  predict_file: Optional[str] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
                  teacher_text: TeacherText = "corpus", teacher: TeacherMode = "online",
-                 teacher_top_k: int = 64) -> None:
+                 teacher_top_k: int = 64, adapters: Optional[dict[str, list[str]]] = None) -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -165,7 +175,9 @@ class BootstrapDataModule(L.LightningDataModule):
         self.teacher, self.teacher_top_k = teacher, teacher_top_k
         self.teacher_cache: Optional[TeacherCache] = None
         self.teacher_texts: dict[str, str] = {}
+        self.adapters = dict(adapters or {})
         check_data(self, benchmark)
+        self.adapter_of = adapter_of(self.adapters, PersonaRegistry.from_config(personas).names)
         self.benchmark: Optional[BenchmarkRun] = None
         self.corpus: Optional[Corpus] = None
         self.train_items: list[dict] = []
@@ -223,7 +235,8 @@ class BootstrapDataModule(L.LightningDataModule):
         """The collate function, with this run's tokenizer, placement, persona texts and cached teacher (if any)."""
         tokenizer = load_backbone(self.backbone_config).tokenizer
         return Collator(ChatFormatter(tokenizer, self.placement), self.teacher_texts, self.max_length,
-                        self.teacher_cache)
+                        self.teacher_cache, teacher_placements(self.corpus) if self.corpus is not None else {},
+                        self.adapter_of)
 
     def build_teacher_cache(self) -> TeacherCache:
         """``teacher: cached``: compute (or finish) the teacher top-k of every distill item, train and held out."""

@@ -6,16 +6,18 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from safetensors.torch import load_file, save_file
 
+from prism_lightning.adapters import DEFAULT_ADAPTER
 from prism_lightning.errors import PrismError
 
 ADAPTER_DIR = "adapter"
 GATE_FILE = "gate.safetensors"
 CONFIG_FILE = "prism.json"
-REQUIRED = (CONFIG_FILE, GATE_FILE, f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/adapter_model.safetensors")
+REQUIRED = (CONFIG_FILE, GATE_FILE)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def export_artifact(module: Any, directory: Path) -> Path:
@@ -27,7 +29,8 @@ def export_artifact(module: Any, directory: Path) -> Path:
     final, directory = Path(directory), Path(directory).parent / f".{Path(directory).name}.tmp{os.getpid()}"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    module.model.save_pretrained(directory / ADAPTER_DIR)
+    # PEFT writes its ``default`` adapter at the top of the directory and any other under a folder of its name.
+    module.model.save_pretrained(directory / ADAPTER_DIR, selected_adapters=list(module.adapter_names))
     gate = module.gate
     save_file({k: v.detach().cpu().contiguous() for k, v in gate.mlp.state_dict().items()}, directory / GATE_FILE)
     backbone = module.backbone
@@ -44,7 +47,8 @@ def export_artifact(module: Any, directory: Path) -> Path:
         "feature_position": "last prompt token after the generation prompt",
         "persona_placement_trained": module.placement,
         "gate": {"hidden_size": gate.hparams.hidden_size, "dims": list(gate.hparams.dims),
-                 "threshold": float(gate.threshold), "temperature": float(gate.temperature)},
+                 "threshold": float(gate.threshold), "temperature": float(gate.temperature),
+                 "adapters": list(module.adapter_names)},
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     old = final.parent / f".{final.name}.old{os.getpid()}"
@@ -64,9 +68,25 @@ def check_export(directory: Path) -> dict:
         if not (directory / name).is_file():
             raise PrismError(f"export {directory} is missing {name}")
     try:
-        return json.loads((directory / CONFIG_FILE).read_text())
+        config = json.loads((directory / CONFIG_FILE).read_text())
     except json.JSONDecodeError as exc:
         raise PrismError(f"{directory / CONFIG_FILE}:{exc.lineno}: malformed export config ({exc.msg})") from None
+    for adapter in export_adapters(config):
+        for name in ADAPTER_FILES:
+            path = adapter_dir(directory, adapter) / name
+            if not path.is_file():
+                raise PrismError(f"export {directory} is missing {path.relative_to(directory)}")
+    return config
+
+
+def export_adapters(config: dict) -> list[str]:
+    """The adapters an export carries, in gate order (exports before K-way PRISM carry one, ``default``)."""
+    return list(config.get("gate", {}).get("adapters") or [DEFAULT_ADAPTER])
+
+
+def adapter_dir(directory: Path, adapter: str) -> Path:
+    """Where PEFT saved ``adapter`` in an export: ``adapter/`` for ``default``, else ``adapter/<name>/``."""
+    return Path(directory) / ADAPTER_DIR / ("" if adapter == DEFAULT_ADAPTER else adapter)
 
 
 def read_safetensors(path: Path) -> dict:
@@ -78,6 +98,7 @@ def read_safetensors(path: Path) -> dict:
                          f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); export again") from None
 
 
-def check_adapter_weights(directory: Path) -> None:
-    """Read the adapter's weights once so that a corrupt file fails with its name, not inside PEFT."""
-    read_safetensors(Path(directory) / ADAPTER_DIR / "adapter_model.safetensors")
+def check_adapter_weights(directory: Path, adapters: Sequence[str] = (DEFAULT_ADAPTER,)) -> None:
+    """Read each adapter's weights once so that a corrupt file fails with its name, not inside PEFT."""
+    for adapter in adapters:
+        read_safetensors(adapter_dir(directory, adapter) / "adapter_model.safetensors")

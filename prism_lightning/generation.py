@@ -104,7 +104,7 @@ def token_logprobs(model: Any, pad_id: int, device: torch.device, prompts: Seque
 
 @torch.no_grad()
 def continuation_logprob(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
-                         continuations: Sequence[Sequence[int]]) -> torch.Tensor:
+                         continuations: Sequence[Sequence[int]], **forward_kwargs: Any) -> torch.Tensor:
     """Summed log p(continuation | prompt) per row of one left-padded batch ([n], fp32, CPU).
 
     Rows end with their continuation, so the logits of the last (longest continuation + 1) positions hold every
@@ -114,7 +114,8 @@ def continuation_logprob(model: Any, pad_id: int, device: torch.device, prompts:
     if longest == 0:
         return torch.zeros(len(prompts))
     ids, mask = left_pad([list(p) + list(c) for p, c in zip(prompts, continuations)], pad_id, device)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1).logits[:, -longest - 1:-1]
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1,
+                   **forward_kwargs).logits[:, -longest - 1:-1]
     picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, -longest:, None])[..., 0]
     lengths = torch.tensor([len(c) for c in continuations], device=picked.device)
     keep = torch.arange(longest, device=picked.device)[None] >= (longest - lengths)[:, None]

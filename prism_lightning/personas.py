@@ -1,4 +1,5 @@
-"""The persona registry: the paper's 12 domains from one template at three granularities, plus user context files."""
+"""The persona registry: the paper's 12 domains from one template at three granularities, plus user contexts of
+any kind (persona, memory, tools, passages: ``contexts/kinds.py``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from prism_lightning.contexts.kinds import KINDS, context_files, kind_spec, read_context, render_block
 from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import read_text
 from prism_lightning.persona_specs import DOMAINS, GRANULARITIES, DomainSpec, build_persona_text
 
 # Question kinds for contexts that come from files, where no domain spec says what users ask.
@@ -22,12 +23,19 @@ GENERIC_QUESTION_STYLES = (
 
 @dataclass(frozen=True)
 class Persona:
-    """One context to distill: its registry name, the text put in the prompt, and where it came from."""
+    """One context to distill: its registry name, the block put in the prompt, and where it came from.
+
+    ``kind`` is a context kind (``persona``, ``memory``, ``tools``, ``passages``); ``content`` is the context's own
+    text before the kind wraps it into ``text``; ``placement`` is where the kind puts its block (None: the run's).
+    """
 
     name: str
     text: str
     category: str
     spec: Optional[DomainSpec] = None
+    kind: str = "persona"
+    content: str = ""
+    placement: Optional[str] = None
 
     @property
     def topics(self) -> tuple[str, ...]:
@@ -37,7 +45,29 @@ class Persona:
     @property
     def question_styles(self) -> tuple[str, ...]:
         """Kinds of requests this persona gets, for varied query-generation prompts."""
-        return self.spec.question_styles if self.spec else GENERIC_QUESTION_STYLES
+        if self.spec:
+            return self.spec.question_styles
+        return KINDS[self.kind].question_styles or GENERIC_QUESTION_STYLES
+
+    @property
+    def source_text(self) -> str:
+        """The context as its file gives it (what stage 1 shows the model when it writes questions)."""
+        return self.content or self.text
+
+
+@dataclass(frozen=True)
+class ContextSource:
+    """A context given by file: its kind and path (a directory gives one context per file, named by its stem).
+
+    Args:
+        kind: ``persona``, ``memory``, ``tools`` (a JSON list of tool schemas, or text) or ``passages``.
+        path: a text/JSON file, or a directory of them.
+        name: registry name (default: the file's stem); not allowed with a directory.
+    """
+
+    kind: str
+    path: str
+    name: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -47,12 +77,14 @@ class PersonaConfig:
     Args:
         names: built-in domains to use (any of the paper's 12); ``["all"]`` for all of them.
         granularity: min (≈5 tokens), half (≈75) or full (≈150).
-        files: extra contexts as ``name: path`` — a persona, a retrieved passage, a tool list, a memory.
+        files: extra personas as ``name: path`` (text used as given, in the persona's place).
+        contexts: contexts of a kind (memory, tools, passages, persona), each placed as that kind is given.
     """
 
     names: list[str] = field(default_factory=lambda: ["all"])
     granularity: str = "full"
     files: dict[str, str] = field(default_factory=dict)
+    contexts: list[ContextSource] = field(default_factory=list)
 
 
 class PersonaRegistry:
@@ -82,6 +114,13 @@ class PersonaRegistry:
             if name in DOMAINS:
                 raise PrismError(f"data.personas.files.{name}: name already used by a built-in persona")
             personas.append(Persona(name, read_context_file(Path(path), f"data.personas.files.{name}"), "context"))
+        for n, source in enumerate(config.contexts):
+            personas += contexts_of(source, f"data.personas.contexts[{n}]")
+        names_seen: set[str] = set()
+        for persona in personas:
+            if persona.name in names_seen:
+                raise PrismError(f"data.personas: two contexts are named {persona.name!r}; give one a `name`")
+            names_seen.add(persona.name)
         return cls(personas)
 
     def __iter__(self) -> Iterator[Persona]:
@@ -103,11 +142,25 @@ class PersonaRegistry:
         return list(self._by_name)
 
 
+def contexts_of(source: ContextSource, key: str) -> list[Persona]:
+    """The registry entries of one ``data.personas.contexts`` item (one per file of a directory)."""
+    spec = kind_spec(source.kind, f"{key}.kind")
+    path = Path(source.path)
+    if source.name and path.is_dir():
+        raise PrismError(f"{key}.name: a directory gives one context per file, named by its stem; drop the name")
+    out = []
+    for file in context_files(path, f"{key}.path"):
+        content = read_context(spec.name, file, f"{key}.path")
+        name = source.name or file.stem
+        if name in DOMAINS:
+            raise PrismError(f"{key}: name {name!r} is a built-in persona; give the context another `name`")
+        out.append(Persona(name, render_block(spec.name, content), spec.name, kind=spec.name, content=content,
+                           placement=spec.placement))
+    return out
+
+
 def read_context_file(path: Path, key: str) -> str:
     """Read a user context file; a missing or empty file is a one-line error naming the key and path."""
     if not path.is_file():
         raise PrismError(f"{key}: persona file not found: {path}")
-    text = read_text(path, f"{key}: persona file").strip()
-    if not text:
-        raise PrismError(f"{key}: persona file is empty: {path}")
-    return text
+    return read_context("persona", path, key).strip()

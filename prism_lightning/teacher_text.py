@@ -41,6 +41,12 @@ def teacher_texts(corpus: Corpus, registry: PersonaRegistry, source: TeacherText
     return texts
 
 
+def teacher_placements(corpus: Corpus) -> dict[str, str]:
+    """Persona name -> placement for the contexts whose kind fixes one (e.g. passages in the user turn)."""
+    placements = corpus.manifest.get("placements") or {}
+    return {name: str(placement) for name, placement in placements.items()}
+
+
 def check_targets(corpus: Corpus, texts: dict[str, str]) -> None:
     """Every distill item's target persona must have a teacher text (else KL would silently be 0)."""
     for item in corpus.items:

@@ -98,7 +98,7 @@ def test_export_writes_a_complete_artifact(tiny_backbones, tiny_llama, tmp_path)
     assert (loaded - base).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("missing", REQUIRED)
+@pytest.mark.parametrize("missing", [*REQUIRED, "adapter/adapter_config.json", "adapter/adapter_model.safetensors"])
 def test_check_export_names_the_missing_file(tiny_backbones, tmp_path, missing):
     directory, _, _ = _export(tiny_backbones, tmp_path / "export")
     check_export(directory)  # complete: accepted

@@ -26,7 +26,8 @@ def run_answers(backbone: Backbone, formatter: ChatFormatter, registry: PersonaR
                       "prompt_ids": formatter.prompt_ids(query["query"])})
         for name in answer_personas(query, registry, config):
             items.append({"id": f"{query['id']}/{name}", "query_id": query["id"], "persona": name,
-                          "prompt_ids": formatter.prompt_ids(query["query"], registry[name].text)})
+                          "prompt_ids": formatter.prompt_ids(query["query"], registry[name].text,
+                                                             registry[name].placement)})
     generate_into(backbone, items, config.decoding, sink, "stage 2 answers",
                   lambda item, out: {"id": item["id"], "query_id": item["query_id"], "persona": item["persona"],
                                      **out})

@@ -114,7 +114,8 @@ class CorpusBuilder:
         The judge stage has one file per scorer kind (``judge`` for the protocol's, ``judge_<kind>`` for the others
         that ``compare`` adds).
         """
-        personas = {p.name: p.text for p in self.registry}
+        # A context's kind fixes its block and placement; plain personas hash as they always have.
+        personas = {p.name: p.text if p.kind == "persona" else [p.kind, p.placement, p.text] for p in self.registry}
         # Every prompt is rendered through the chat template (and its variables): a new template is a new stage.
         h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
                                 personas, self.queries)
@@ -230,6 +231,8 @@ class CorpusBuilder:
             "answer_mode": self.answers.mode,
             "personas": {p.name: p.text for p in self.registry},
             "categories": {p.name: p.category for p in self.registry},
+            "kinds": {p.name: p.kind for p in self.registry},
+            "placements": {p.name: p.placement for p in self.registry if p.placement},
             "counts": {"queries": len(queries), "distill": distill, "retain": len(items) - distill},
             "per_persona": per_persona,
             "judge": {"protocol": self.judge.protocol, "margin": self.judge.margin,

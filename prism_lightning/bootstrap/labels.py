@@ -151,7 +151,8 @@ def label_queries(queries: list[dict], candidates: dict[str, list[str]], answers
         items.append({"id": query["id"], "persona": query["persona"], "query": query["query"],
                       "label": int(label), "target_persona": best, "margin": round(margin, 4),
                       "baseline_answer": answers[query["id"]][BASELINE],
-                      "persona_answer": answers[query["id"]][best]})
+                      "persona_answer": answers[query["id"]][best],
+                      **({"intent": query["intent"]} if "intent" in query else {})})
     return items, stats
 
 

@@ -9,20 +9,11 @@ from typing import Iterable, Optional
 from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import QueryConfig
 from prism_lightning.chat import ChatFormatter
+from prism_lightning.contexts.kinds import KINDS, candidate_frame
 from prism_lightning.generation import generate_into
 from prism_lightning.jsonl import JsonlSink
 from prism_lightning.personas import Persona, PersonaRegistry
 
-CURATOR = ("You curate evaluation data. You write one realistic, specific question that a user would bring to "
-           "the expert described below, and nothing else.")
-_FRAMES = (
-    "Expert description:\n{persona}\n\nWrite one question about {topic}: {style}. Output only the question.",
-    "Here is an expert:\n{persona}\n\nA user needs this expert's help with {topic}. Write the user's message — "
-    "{style}. Output only the message.",
-    "{persona}\n\nInvent {style} that a real person might ask about {topic}. Reply with the question alone.",
-    "Think of a user who needs the expert below.\n{persona}\n\nTheir request concerns {topic} and is {style}. "
-    "Write that request in one or two sentences, with no preamble.",
-)
 _PREFIX = re.compile(r"^\s*(?:[*_]{0,2}\s*(?:user'?s?\s+)?(?:question|query|request|message|q)\s*#?\s*\d*\s*"
                      r"[*_]{0,2}\s*[:.)\-]\s*[*_]{0,2}|\d+\s*[.):](?=\s)|[-*•](?=\s))\s*", re.IGNORECASE)
 # Preambles ("Sure! Here is a question:") and label lines ending in a colon, never a line that asks something.
@@ -33,12 +24,13 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 def candidate_prompt(persona: Persona, index: int) -> str:
     """The index-th query-generation prompt: frame, topic and question style all vary with the index."""
-    topics = persona.topics or ("the subject of the context",)
-    styles = persona.question_styles
-    frame = _FRAMES[index % len(_FRAMES)]
-    topic = topics[(index // len(_FRAMES)) % len(topics)]
-    style = styles[(index * 7 + index // len(topics)) % len(styles)]
-    return frame.format(persona=persona.text, topic=topic, style=style)
+    frame, _ = candidate_frame(persona.kind, index, persona.topics, persona.question_styles)
+    return frame.replace("{context}", persona.source_text)
+
+
+def candidate_intent(persona: Persona, index: int) -> str:
+    """``inside`` when the index-th prompt asks for a question the context answers, else ``outside``."""
+    return candidate_frame(persona.kind, index, persona.topics, persona.question_styles)[1]
 
 
 def parse_query(text: str, config: QueryConfig) -> Optional[str]:
@@ -83,8 +75,15 @@ def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConf
         parsed = [q for q in (parse_query(r["text"], config) for r in rows) if q]
         kept = dedup(parsed, config.near_duplicate, list(seen))[:config.per_persona]
         seen += [_words(q) for q in kept]  # only kept queries block later personas
+        intents: dict[str, str] = {}
+        for r in rows:  # dedup keeps a query's first occurrence: so does its intent
+            if (q := parse_query(r["text"], config)) is not None:
+                intents.setdefault(q, candidate_intent(persona, r["index"]))
         for n, query in enumerate(kept):
-            selected.append({"id": f"{persona.name}-{n:04d}", "persona": persona.name, "query": query})
+            row = {"id": f"{persona.name}-{n:04d}", "persona": persona.name, "query": query}
+            if persona.kind != "persona":  # contexts also get questions they do not answer: which is which
+                row["intent"] = intents[query]
+            selected.append(row)
     return selected
 
 
@@ -102,7 +101,8 @@ def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConf
         for persona in short:
             for index in range(round_ * per_round, (round_ + 1) * per_round):
                 items.append({"id": f"{persona.name}/{index}", "persona": persona.name, "index": index,
-                              "prompt_ids": formatter.prompt_ids(candidate_prompt(persona, index), CURATOR)})
+                              "prompt_ids": formatter.prompt_ids(candidate_prompt(persona, index),
+                                                                 KINDS[persona.kind].curator)})
         generate_into(backbone, items, config.decoding, sink, f"stage 1 queries (round {round_ + 1})",
                       lambda item, out: {"id": item["id"], "persona": item["persona"], "index": item["index"],
                                          **out})

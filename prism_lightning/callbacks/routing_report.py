@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback
 
 
 class RoutingReport(Callback):
-    """Logs ``routing/<persona>`` and ``routing/category/<category>`` and saves them per epoch as JSON."""
+    """Logs ``routing/<persona>``, ``routing/category/<category>`` and, for contexts, ``routing/intent/inside`` and
+    ``routing/intent/outside``, and saves them per epoch as JSON."""
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Routing rates of this validation pass, grouped by the persona that wrote each query."""
@@ -32,6 +33,9 @@ class RoutingReport(Callback):
             category = (corpus.manifest.get("categories") or {}).get(persona)
             if category:
                 groups.setdefault(f"category/{category}", []).append(r)
+            intent = by_id[item_id].get("intent")  # contexts: questions they answer (inside) or not (outside)
+            if intent:
+                groups.setdefault(f"intent/{intent}", []).append(r)
         rates = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
         pl_module.log_dict({f"routing/{k}": v for k, v in rates.items()})
         if trainer.is_global_zero:

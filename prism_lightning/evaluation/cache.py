@@ -21,7 +21,7 @@ _CHUNK = 64
 class CachedGatedModel:
     """A GatedModel front (``prompt_ids``, ``generate_ids``, ``token_logprobs``) that remembers results.
 
-    Keys are the resolved route (``adapter`` / ``base``) plus everything that determines the result, so a hit
+    Keys are the resolved route (``base`` or the adapter's name) plus everything that determines the result, so a hit
     is the same computation, never an approximation. ``on_progress(n)`` is told about computed prompts.
     """
 
@@ -38,12 +38,12 @@ class CachedGatedModel:
     def _resolve(self, prompt_ids: Sequence[Sequence[int]], route: str,
                  batch_size: int) -> tuple[list[str], torch.Tensor]:
         names, probs = self.model.routes(prompt_ids, route, batch_size) if len(prompt_ids) else ([], torch.zeros(0))
-        return ["base" if n == BASE else "adapter" for n in names], probs
+        return ["base" if n == BASE else n for n in names], probs  # "base" or the adapter's name (K-way)
 
     def _fill(self, keys: list[tuple], prompt_ids: Sequence[Sequence[int]], taken: list[str],
               compute: Callable[[list[list[int]], str], list]) -> list:
         """Compute the missing keys per route, in chunks, then return every key's value in order."""
-        for route in ("base", "adapter"):
+        for route in ["base", *sorted(set(taken) - {"base"})]:
             missing = list({k: i for i, k in enumerate(keys) if taken[i] == route and k not in self._store}.values())
             self.hits += sum(1 for i, k in enumerate(keys) if taken[i] == route) - len(missing)
             # Longest first inside a chunk is the model's job; chunks keep progress moving.
@@ -67,7 +67,10 @@ class CachedGatedModel:
                     for r in self.model.generate_ids(ids, decoding, forced)]
 
         values = self._fill(keys, prompt_ids, taken, compute)
-        return [{**v, "probability": reported(p), "route": t} for v, p, t in zip(values, probs.tolist(), taken)]
+        k_way = len(getattr(self.model, "adapters", ())) > 1  # the study's base-only front has no adapters
+        return [{**v, "probability": reported(p), "route": "base" if t == "base" else "adapter",
+                 **({"adapter": None if t == "base" else t} if k_way else {})}
+                for v, p, t in zip(values, probs.tolist(), taken)]
 
     def token_logprobs(self, prompt_ids: Sequence[Sequence[int]], tokens: Optional[Sequence[int]] = None,
                        route: str = "gate", batch_size: int = 16, tail: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,10 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-from prism_lightning.gate_mlp import GateMLP
+from prism_lightning.gate_mlp import GateMLP, route_loss
 
 
 class BalancedAccuracy(MulticlassAccuracy):
@@ -56,13 +55,15 @@ class IntentGate(L.LightningModule):
         weight_decay: AdamW weight decay.
         threshold: route to the adapter when the probability is at or above this.
         temperature: logit temperature (1 = uncalibrated; set by calibration).
+        outputs: adapters the gate chooses among (K; 1 = binary PRISM).
     """
 
     def __init__(self, hidden_size: int = 576, dims: Sequence[int] = (128, 64), lr: float = 1e-3,
-                 weight_decay: float = 0.01, threshold: float = 0.5, temperature: float = 1.0) -> None:
+                 weight_decay: float = 0.01, threshold: float = 0.5, temperature: float = 1.0,
+                 outputs: int = 1) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.mlp = GateMLP(hidden_size, dims)
+        self.mlp = GateMLP(hidden_size, dims, outputs)
         # Buffers, so calibration results travel in checkpoints and exports.
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -81,9 +82,10 @@ class IntentGate(L.LightningModule):
         """Deployed routing decisions (0/1) for raw MLP logits: calibrated probability at or above the threshold."""
         return (torch.sigmoid(raw_logits / self.temperature) >= self.threshold).long()
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """BCE on raw (uncalibrated) logits; class balance comes from resampling in the DataModule."""
-        return F.binary_cross_entropy_with_logits(self.mlp(features), labels.float())
+    def loss(self, features: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy over (none, adapters) on raw (uncalibrated) logits — BCE when K = 1; ``routes`` (0 = none,
+        k = adapter k) default to the labels. Class balance comes from resampling in the DataModule."""
+        return route_loss(self.mlp.adapter_logits(features), labels if routes is None else routes)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One gate step on cached features."""

@@ -9,6 +9,7 @@ import torch
 
 from prism_lightning.backbone import BackboneConfig
 from prism_lightning.distributed import all_gather_objects, gathered
+from prism_lightning.gate_mlp import open_logit
 from prism_lightning.generation import DecodingConfig
 from prism_lightning.features import capture_layer0, gather_positions
 from prism_lightning.modules.gate import IntentGate, deployed_gate_metrics, gate_metrics
@@ -41,6 +42,8 @@ class PrismModule(DistillationStudent):
         gradient_checkpointing: recompute decoder activations in backward (memory of one layer, ~1 more forward).
         head_chunk: response tokens whose vocabulary-wide logits exist at once in the loss.
         prefix_reuse: the online teacher reuses each persona block's keys/values instead of recomputing them.
+        adapters: the LoRA adapters, linked from ``data.adapters`` (one ``default`` when empty); the gate chooses
+            none or one of them (K + 1 outcomes).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
@@ -49,9 +52,9 @@ class PrismModule(DistillationStudent):
                  threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig(),
                  divergence_limit: float = 1e4, gradient_checkpointing: bool = False, head_chunk: int = 1024,
-                 prefix_reuse: bool = True) -> None:
+                 prefix_reuse: bool = True, adapters: Sequence[str] = ()) -> None:
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
-                         divergence_limit, gradient_checkpointing, head_chunk, prefix_reuse)
+                         divergence_limit, gradient_checkpointing, head_chunk, prefix_reuse, adapters)
         self.save_hyperparameters()
         self.placement = placement
         self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)
@@ -70,7 +73,7 @@ class PrismModule(DistillationStudent):
         super().configure_model()
         if self.gate is None:
             self.gate = IntentGate(self.backbone.model.config.hidden_size, self.hparams.gate_dims,
-                                   threshold=self.hparams.threshold)
+                                   threshold=self.hparams.threshold, outputs=len(self.adapter_names))
 
     def on_fit_start(self) -> None:
         """Announce the training stage with what it trains on."""
@@ -96,7 +99,7 @@ class PrismModule(DistillationStudent):
             hidden = self.student_hidden(batch)
         features = gather_positions(box["hidden"], batch["feature_pos"]).detach()
         out = self.distill_loss(batch, hidden)
-        out["gate_loss"] = self.gate.loss(features, batch["label"])
+        out["gate_loss"] = self.gate.loss(features, batch["label"], batch.get("route"))
         out["loss"] = out["loss"] + self.hparams.gate_weight * out["gate_loss"]
         return out, features
 
@@ -116,8 +119,11 @@ class PrismModule(DistillationStudent):
         """Held-out losses and gate metrics."""
         out, features = self.shared_step(batch)
         self.check_validation(out, batch_idx)
-        self.val_gate_outputs.append({"ids": batch["ids"], "logits": self.gate.mlp(features).detach().cpu(),
-                                      "labels": batch["label"].detach().cpu()})
+        adapter_logits = self.gate.mlp.adapter_logits(features).detach()
+        self.val_gate_outputs.append({"ids": batch["ids"], "logits": open_logit(adapter_logits).cpu(),
+                                      "labels": batch["label"].detach().cpu(),
+                                      "choice": adapter_logits.argmax(-1).cpu() + 1,
+                                      "routes": batch.get("route", batch["label"]).detach().long().cpu()})
         # Averaged over ranks; a rank's share may repeat an item or two so that all ranks run equally many batches.
         self.log_validation(out, batch, sync_dist=True)
 
@@ -148,6 +154,11 @@ class PrismModule(DistillationStudent):
             metrics.update(values, labels)
             self.log_dict(metrics.compute(), sync_dist=True)  # already equal on every rank; the mean keeps them so
             metrics.reset()
+        distill = held["routes"] > 0
+        if len(self.adapter_names) > 1 and bool(distill.any()):
+            # K-way: on held-out distill items, does the gate pick the adapter of the item's context?
+            hits = (held["choice"][distill] == held["routes"][distill]).float().mean()
+            self.log("val/gate_adapter_acc", hits.to(self.device), sync_dist=True)
 
     def configure_optimizers(self) -> dict:
         """AdamW with separate learning rates for LoRA and gate."""
@@ -161,7 +172,7 @@ class PrismModule(DistillationStudent):
         from prism_lightning.routing import GatedModel
 
         return GatedModel(self.backbone, self.model, self.gate.mlp, float(self.gate.threshold),
-                          float(self.gate.temperature), adapter_name=self.model.active_adapter)
+                          float(self.gate.temperature), adapters=self.adapter_names)
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Routed generation for a batch of ``{"id", "prompt"}`` rows."""
@@ -194,13 +205,15 @@ class PrismModule(DistillationStudent):
 
 
 def merge_rank_outputs(per_rank: list[list[dict]]) -> dict:
-    """One ``{"ids", "logits", "labels"}`` over the split from each rank's batches, each item once, in split order.
+    """One ``{"ids", "logits", "labels", "choice", "routes"}`` over the split from each rank's batches, each item
+    once, in split order (``choice``/``routes``: the gate's adapter and the item's, 1-based, when recorded).
 
     A distributed sampler without shuffling gives rank r the items r, r + W, r + 2W, … and pads the last round
     with repeats; interleaving the ranks' rows restores the order, and the repeats are dropped by id.
     """
-    rows = [[(i, logit, label) for o in outputs for i, logit, label in zip(o["ids"], o["logits"], o["labels"])]
-            for outputs in per_rank]
+    keys = ("logits", "labels", "choice", "routes")
+    rows = [[(i, *values) for o in outputs
+             for i, *values in zip(o["ids"], *(o.get(k, o["labels"]) for k in keys))] for outputs in per_rank]
     merged: dict[str, tuple] = {}
     for k in range(max((len(r) for r in rows), default=0)):
         for rank_rows in rows:
@@ -208,6 +221,5 @@ def merge_rank_outputs(per_rank: list[list[dict]]) -> dict:
                 merged[rank_rows[k][0]] = rank_rows[k]
     ids = list(merged)
     if not ids:
-        return {"ids": [], "logits": torch.zeros(0), "labels": torch.zeros(0)}
-    return {"ids": ids, "logits": torch.stack([merged[i][1] for i in ids]),
-            "labels": torch.stack([merged[i][2] for i in ids])}
+        return {"ids": [], **{k: torch.zeros(0) for k in keys}}
+    return {"ids": ids, **{k: torch.stack([merged[i][n + 1] for i in ids]) for n, k in enumerate(keys)}}

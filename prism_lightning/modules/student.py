@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 import torch
 
 from prism_lightning import rng_state
+from prism_lightning.adapters import DEFAULT_ADAPTER, check_adapters
 from prism_lightning.backbone import Backbone, BackboneConfig, check_base_model, load_backbone
 from prism_lightning.distributed import all_gather_objects, local_tensor, world_size, zero3_partitioned
 from prism_lightning.divergence import check_gradient_norm, check_gradients, check_metric, check_weights
@@ -19,6 +20,7 @@ from prism_lightning.errors import PrismError
 from prism_lightning.lm_head import decoder_hidden, head_logits
 from prism_lightning.losses import chunked_topk_kl, kl_divergence, rows_at, teacher_topk
 from prism_lightning.prefix_states import PrefixStates, hidden_after_prefixes
+from prism_lightning.row_routing import rows_on_adapters
 from prism_lightning.strategies import offloads_optimizer
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,8 +43,9 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
 
 
-def attach_lora(backbone: Backbone, settings: LoraSettings) -> Any:
-    """Wrap the backbone in PEFT with LoRA on layers 1..L-1, so layer 0 (the gate's input) never changes."""
+def attach_lora(backbone: Backbone, settings: LoraSettings, adapters: Sequence[str] = (DEFAULT_ADAPTER,)) -> Any:
+    """Wrap the backbone in PEFT with one LoRA adapter per name on layers 1..L-1, so layer 0 (the gate's input)
+    never changes; every adapter is active and trainable (rows choose theirs through ``rows_on_adapters``)."""
     from peft import LoraConfig, get_peft_model
 
     n_layers = len(backbone.decoder_layers())
@@ -53,7 +56,12 @@ def attach_lora(backbone: Backbone, settings: LoraSettings) -> Any:
     def make(model: Any) -> Any:
         for p in model.parameters():
             p.requires_grad_(False)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config, adapter_name=adapters[0])
+        for name in adapters[1:]:
+            peft_model.add_adapter(name, config)
+        if len(adapters) > 1:
+            peft_model.base_model.set_adapter(list(adapters))
+        return peft_model
     return backbone.wrap(make)
 
 
@@ -101,16 +109,20 @@ class DistillationStudent(L.LightningModule):
         prefix_reuse: the online teacher computes the keys and values of each persona block once per process and
             runs only the tokens after it in each step (same targets; off under multi-rank ZeRO-3, whose every
             forward is a collective, and for sliding-window models).
+        adapters: the LoRA adapters (linked from ``data.adapters``; one ``default`` adapter when empty): each distill
+            row trains its own context's adapter.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), lora: LoraSettings = LoraSettings(),
                  temperature: float = 2.0, top_k: int = 64, retain_weight: float = 0.0, lr: float = 2e-4,
                  weight_decay: float = 0.01, warmup_ratio: float = 0.1, divergence_limit: float = 1e4,
-                 gradient_checkpointing: bool = False, head_chunk: int = 1024, prefix_reuse: bool = True) -> None:
+                 gradient_checkpointing: bool = False, head_chunk: int = 1024, prefix_reuse: bool = True,
+                 adapters: Sequence[str] = ()) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.backbone_config = as_dataclass(BackboneConfig, backbone)
         self.lora = as_dataclass(LoraSettings, lora)
+        self.adapter_names: list[str] = list(adapters) or [DEFAULT_ADAPTER]
         self.model: Optional[Any] = None
         self.prefix_states = PrefixStates()  # the frozen teacher's persona-block keys/values
         self.strict_loading = False  # checkpoints hold only trainable weights, never the frozen base
@@ -125,7 +137,7 @@ class DistillationStudent(L.LightningModule):
     def configure_model(self) -> None:
         """Load the backbone (once per process) and attach LoRA."""
         if self.model is None:
-            self.model = attach_lora(self.backbone, self.lora)
+            self.model = attach_lora(self.backbone, self.lora, self.adapter_names)
             self.model.train()  # the backbone was loaded in eval mode; LoRA dropout must be live in training
         base = self.model.get_base_model()
         if self.hparams.gradient_checkpointing and not base.is_activation_checkpointing:
@@ -152,8 +164,21 @@ class DistillationStudent(L.LightningModule):
         return head_logits(self.model, hidden)
 
     def student_hidden(self, batch: dict) -> torch.Tensor:
-        """Hidden states of base + LoRA on the persona-free inputs."""
-        return self.decoder_hidden(batch["student_ids"], batch["student_mask"])
+        """Hidden states of base + LoRA on the persona-free inputs, each row through its own adapter."""
+        with rows_on_adapters(self.model, self.student_routes(batch), self.adapter_names) as routed:
+            if routed:
+                raise PrismError("K-way training needs plain LoRA adapters (a LoRA variant such as DoRA cannot be "
+                                 "routed per row in training)")
+            return self.decoder_hidden(batch["student_ids"], batch["student_mask"])
+
+    def student_routes(self, batch: dict) -> list[str]:
+        """The adapter each row trains: a distill row its context's (``route`` k ≥ 1 → adapter k); a retain row,
+        which only a retain term reads, takes the adapters in turn."""
+        names, k = self.adapter_names, len(self.adapter_names)
+        if k == 1:
+            return [names[0]] * len(batch["ids"])
+        routes = batch["route"].tolist()
+        return [names[r - 1] if r > 0 else names[b % k] for b, r in enumerate(routes)]
 
     def teacher_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        prefix: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,10 +396,12 @@ class DistillationStudent(L.LightningModule):
         checkpoint["prism_base_model"] = self.backbone.reference
         checkpoint["prism_rng"] = rng_state.capture_all_ranks()
         checkpoint["prism_kl_at_init"] = self.kl_at_init
+        checkpoint["prism_adapters"] = self.adapter_names
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint made for another base model; restore the random state saved with it."""
         check_base_model(checkpoint.get("prism_base_model"), self.backbone, "checkpoint")
+        check_adapters(checkpoint.get("prism_adapters", [DEFAULT_ADAPTER]), self.adapter_names, "the checkpoint")
         self.kl_at_init = checkpoint.get("prism_kl_at_init", self.kl_at_init)
         trainer = self._trainer  # None when `prism export` loads a checkpoint outside any loop
         if trainer is not None and trainer.state.fn == "fit":
