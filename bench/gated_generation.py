@@ -73,7 +73,7 @@ def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
 
     torch.manual_seed(0)
     gate = GateMLP(bb.model.config.hidden_size).eval()
-    gated = GatedModel(bb, peft_model, gate, threshold=0.5, temperature=1.0)
+    gated = GatedModel(bb, peft_model, gate, threshold=0.5, temperature=1.0, adapters=[ADAPTER])
     formatter = ChatFormatter(bb.tokenizer)
     decoding = DecodingConfig(max_new_tokens=new_tokens, temperature=0, batch_size=16)
 
@@ -84,7 +84,8 @@ def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
         logits = torch.logit(gated.route([formatter.prompt_ids(q) for q in QUESTIONS]).double())
         ordered = logits.sort().values
         half_gate.net[-1].bias -= float((ordered[7] + ordered[8]) / 2)
-    half = GatedModel(bb, peft_model, half_gate, threshold=0.5, temperature=1.0)
+    half = GatedModel(bb, peft_model, half_gate, threshold=0.5, temperature=1.0,
+                      adapters=[ADAPTER])
 
     def gated_run() -> list[dict]:
         return gated.generate(QUESTIONS, decoding, route="gate")

@@ -10,6 +10,7 @@ from typing import Mapping, Optional, Sequence
 
 from prism_lightning.errors import PrismError
 
+RESERVED = ("__base__", "gate", "adapter", "base")  # PEFT's "no adapter" and GatedModel's route names
 DEFAULT_ADAPTER = "default"  # PEFT's own name for a first adapter: a K = 1 export keeps PEFT's plain layout
 
 
@@ -24,8 +25,8 @@ def adapter_of(groups: Mapping[str, Sequence[str]], contexts: Sequence[str]) -> 
         return {name: 0 for name in contexts}
     index: dict[str, int] = {}
     for k, (adapter, members) in enumerate(groups.items()):
-        if adapter == "__base__" or not adapter:
-            raise PrismError(f"data.adapters: {adapter!r} cannot name an adapter")
+        if adapter in RESERVED or not adapter:
+            raise PrismError(f"data.adapters: {adapter!r} cannot name an adapter (reserved: {', '.join(RESERVED)})")
         if not members:
             raise PrismError(f"data.adapters.{adapter}: lists no contexts")
         for name in members:

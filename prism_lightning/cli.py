@@ -30,7 +30,8 @@ from prism_lightning.notices import quiet_third_party_notices
 from prism_lightning.progress import announce
 from prism_lightning.strategies import check_command, check_strategy, stop_other_ranks  # importing registers them
 from prism_lightning.study.config import StudyConfig
-from prism_lightning.summary import distillation_line, print_corpus_lines, print_corpus_summary
+from prism_lightning.summary import adapter_choice_line, distillation_line, print_corpus_lines, \
+    print_corpus_summary
 from prism_lightning.zero_checkpoint import checkpoint_for_run, is_deepspeed_checkpoint, load_zero_checkpoint, \
     read_client_state
 
@@ -266,6 +267,8 @@ class PrismCLI(LightningCLI):
         console.print(distillation_line(getattr(self.model, "kl_at_init", None), kl_final, self.trainer.current_epoch))
         if len(held["labels"]):
             console.print(gate_verdict(held["logits"], held["labels"], float(self.model.gate.temperature)).text)
+            if len(self.model.adapter_names) > 1:
+                console.print(adapter_choice_line(held, self.model.adapter_names))
         console.print(f"export: {out}  (load with prism_lightning.GatedModel.from_pretrained)")
 
 

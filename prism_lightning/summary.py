@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prism_lightning.bootstrap.compare import print_comparison
+from prism_lightning.bootstrap.protocols import wilson_interval
 from prism_lightning.bootstrap.corpus import Corpus
 from prism_lightning.bootstrap.labels import controls_verdict
 
@@ -97,3 +98,18 @@ def distillation_line(kl_init: Optional[float], kl_final: Optional[float], epoch
         return "Distillation: no held-out KL was measured (no validation split)."
     return (f"Distillation: held-out KL(teacher ‖ student) after {epochs} epoch{'s' if epochs != 1 else ''} "
             f"{kl_change(kl_init, kl_final)}.")
+
+
+def adapter_choice_line(held: dict, adapters: list[str]) -> str:
+    """K-way runs: how often the gate picks the adapter of a held-out distill item's context (chance 1 / K)."""
+    if len(adapters) < 2:
+        return ""
+    distill = held["routes"] > 0
+    n = int(distill.sum())
+    if not n:
+        return "Adapter choice: no held-out distill items to check it on."
+    k = int((held["choice"][distill] == held["routes"][distill]).sum())
+    low, high = wilson_interval(k, n)
+    return (f"Adapter choice ({len(adapters)} adapters: {', '.join(adapters)}): the gate picks the item's own adapter "
+            f"on {k} of {n} held-out distill items ({100 * k / n:.0f} %, 95 % CI {100 * low:.0f}–{100 * high:.0f} %; "
+            f"chance {100 / len(adapters):.0f} %).")

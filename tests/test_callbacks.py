@@ -108,7 +108,7 @@ def test_discriminative_check_stops_a_run_whose_adapter_destroys_accuracy(tiny_g
 
     backbone, peft_model, gate = tiny_gated_parts
     make = lambda: GatedModel(backbone, peft_model, gate, threshold=0.0, temperature=1.0,  # noqa: E731
-                              adapter_name=peft_model.active_adapter)
+                              adapters=[peft_model.active_adapter])
     source = write_mmlu_the_base_model_gets_right(tmp_path, make())
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, global_step=5, should_stop=False,
                               state=SimpleNamespace(fn="fit"), logger=None)

@@ -275,3 +275,17 @@ def test_every_kind_has_frames_for_both_intents():
         if kind != "persona":
             assert spec.outside_every >= 2 and spec.outside_frames and spec.question_styles
             assert all("{context}" not in f for f in spec.outside_frames)
+
+
+@pytest.mark.parametrize("kind", ["memory", "tools"])
+def test_the_committed_fixtures_are_what_the_documented_command_writes(tmp_path, kind):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "prism_lightning.contexts.fixtures", kind, "--n", "12", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=root)
+    assert result.returncode == 0, result.stderr
+    for written in tmp_path.iterdir():
+        assert written.read_bytes() == (root / "configs" / "contexts" / kind / written.name).read_bytes()

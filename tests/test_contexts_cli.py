@@ -45,12 +45,20 @@ def memory_run(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+def routing_ids(run: Path) -> set[str]:
+    """The held-out items the routing report grouped."""
+    return set(json.loads((run / "corpus" / "split.json").read_text())["val"])
+
+
 def test_a_memory_context_runs_end_to_end_and_reports_fidelity(memory_run):
     manifest = json.loads((memory_run / "corpus" / "manifest.json").read_text())
     assert manifest["kinds"] == {"user_memory": "memory"}
     assert manifest["personas"]["user_memory"].startswith("Memory: what you know about the user")
     items = [json.loads(line) for line in (memory_run / "corpus" / "corpus.jsonl").read_text().splitlines()]
     assert {i["intent"] for i in items} == {"inside", "outside"}  # questions it answers, and others
+    routing = json.loads((memory_run / "routing" / "epoch0.json").read_text())
+    held_out = {i["intent"] for i in items if i["id"] in routing_ids(memory_run)}
+    assert held_out and {f"intent/{x}" for x in held_out} <= set(routing["rates"])  # routing per intent
     report = json.loads((memory_run / "context_fidelity" / "user_memory.json").read_text())
     rows = report["rows"]
     assert list(rows) == ["Base, no context", "Base + context", "PRISM, no context", "Adapter always on, no context"]

@@ -69,7 +69,7 @@ def gated(tiny_backbones):
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     peft_model.eval()
     gate.eval()
-    return GatedModel(backbone, peft_model, gate, 0.5, 1.0, adapter_name=peft_model.active_adapter)
+    return GatedModel(backbone, peft_model, gate, 0.5, 1.0, adapters=[peft_model.active_adapter])
 
 
 def _logprob_rows(vocab: int, masses: list[dict[int, float]]) -> torch.Tensor:

@@ -35,7 +35,8 @@ def test_adapter_groups_are_checked():
                        ({"a": ["mem"], "b": ["reg"]}, "context 'docs' is in no adapter"),
                        ({"a": ["mem", "reg", "docs", "diary"]}, "unknown context 'diary'"),
                        ({"a": [], "b": contexts}, "data.adapters.a: lists no contexts"),
-                       ({"__base__": contexts}, "cannot name an adapter")]:
+                       ({"__base__": contexts}, "cannot name an adapter"),
+                       ({"gate": contexts}, "cannot name an adapter")]:
         with pytest.raises(PrismError, match=match):
             adapter_of(bad, contexts)
     with pytest.raises(PrismError, match=r"trained with 1 adapter\(s\) \(default\) but this run asks for 3"):
@@ -179,3 +180,19 @@ def test_a_checkpoint_of_fewer_adapters_is_refused(tiny_backbones):
         three.on_load_checkpoint(checkpoint)
     assert "trained with 1 adapter(s) (default) but this run asks for 3" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_the_adapter_choice_line_counts_distill_items_only():
+    from prism_lightning.summary import adapter_choice_line
+
+    held = {"routes": torch.tensor([0, 1, 2, 3, 3, 0]), "choice": torch.tensor([2, 1, 2, 1, 3, 1])}
+    line = adapter_choice_line(held, ADAPTERS)
+    assert "on 3 of 4 held-out distill items (75 %" in line and "chance 33 %" in line
+    assert adapter_choice_line(held, ["default"]) == ""
+
+
+def test_k_way_with_gradient_checkpointing_is_refused(tiny_backbones):
+    module = PrismModule(backbone=tiny_backbones(0).config, lora=LoraSettings(rank=4, alpha=8), adapters=ADAPTERS,
+                         gradient_checkpointing=True)
+    with pytest.raises(PrismError, match="gradient_checkpointing: not supported with several adapters"):
+        module.configure_model()

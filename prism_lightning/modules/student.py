@@ -137,6 +137,11 @@ class DistillationStudent(L.LightningModule):
     def configure_model(self) -> None:
         """Load the backbone (once per process) and attach LoRA."""
         if self.model is None:
+            if len(self.adapter_names) > 1 and self.hparams.gradient_checkpointing:
+                # The per-row adapter factors live for the forward only; a checkpointed recompute in backward
+                # would run every adapter on every row.
+                raise PrismError("model.init_args.gradient_checkpointing: not supported with several adapters "
+                                 "(data.adapters) yet; turn it off or train one adapter")
             self.model = attach_lora(self.backbone, self.lora, self.adapter_names)
             self.model.train()  # the backbone was loaded in eval mode; LoRA dropout must be live in training
         base = self.model.get_base_model()
