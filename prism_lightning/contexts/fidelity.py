@@ -85,11 +85,9 @@ def predicted_choices(gated: Any, prompts: Sequence[Sequence[int]], probes: Sequ
             scores[index] = continuation_logprob(gated.model, tokenizer.pad_token_id, gated.backbone.device,
                                                  [prompts[pairs[k][0]] for k in index],
                                                  [pairs[k][2] for k in index], **routed)
-    best: list[int] = []
-    for i, probe in enumerate(probes):
-        mine = [k for k, (row, _, _) in enumerate(pairs) if row == i]
-        best.append(int(torch.argmax(scores[mine])))
-    return best
+    # Pairs are in probe order, each probe's choices together: split the scores back per probe.
+    per_probe = scores.split([len(p.choices) for p in probes])
+    return [int(torch.argmax(s)) for s in per_probe]
 
 
 def measure_fidelity(gated: Any, context: str, probes: Sequence[Probe], placement: Optional[str] = None,
