@@ -105,7 +105,7 @@ def wait_for_quiet(max_wait_s: float = 90.0, idle_at_least: float = 0.85, log: b
 
 def load() -> Any:
     """The embedded SmolLM2-135M-Instruct backbone (cached per process by the library)."""
-    from prism_lightning.backbone import BackboneConfig, load_backbone
+    from prism_lightning.model.backbone import BackboneConfig, load_backbone
 
     return load_backbone(BackboneConfig())
 
@@ -226,11 +226,11 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 
 def environment() -> dict:
     """What produced the numbers: date, machine, library versions, threads."""
+    import subprocess
+
     import peft
     import torch
     import transformers
-
-    import subprocess
 
     def git(*args: str) -> str:
         try:

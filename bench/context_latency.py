@@ -74,8 +74,8 @@ def measure(bb, peft_model, gate, length: int, batch: int, new: int, reps: int) 
     import torch
     from transformers import DynamicCache
 
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.features import layer0_features
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.features import layer0_features
 
     formatter = ChatFormatter(bb.tokenizer)
     block = context_block(formatter, length)
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> Path:
     setup()
     import torch
 
-    from prism_lightning.backbone import BackboneConfig, load_backbone
-    from prism_lightning.gate_mlp import GateMLP
-    from prism_lightning.modules.student import LoraSettings, attach_lora
+    from prism_lightning.model.backbone import BackboneConfig, load_backbone
+    from prism_lightning.model.gate_mlp import GateMLP
+    from prism_lightning.model.lora import LoraSettings, attach_lora
 
     quiet = wait_for_quiet(10 if args.quick else 90)
     bb = load_backbone(BackboneConfig())

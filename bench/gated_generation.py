@@ -30,8 +30,19 @@ import argparse
 import copy
 from pathlib import Path
 
-from _common import (environment, rounds_note, QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
-                     write_results)
+from _common import (
+    QUESTIONS,
+    environment,
+    interleaved,
+    load,
+    paired_ratios,
+    rounds_note,
+    setup,
+    strip_results,
+    table,
+    wait_for_quiet,
+    write_results,
+)
 
 TARGETS = {"a": ("<=", 1.03), "a-half": ("<=", 1.05), "b": (">=", 6.0), "c": ("<=", 1.4), "c-cached": ("<=", 1.1)}
 ADAPTER, BASE = "prism", "__base__"
@@ -49,7 +60,7 @@ def verdict(part: str, value: float) -> str:
 
 def attach_prism_lora(bb):
     """attach_lora + rename the adapter from PEFT's "default" to "prism"; eval mode (routing needs it)."""
-    from prism_lightning.modules.student import LoraSettings, attach_lora
+    from prism_lightning.model.lora import LoraSettings, attach_lora
 
     peft_model = attach_lora(bb, LoraSettings())
     peft_model.add_adapter(ADAPTER, copy.deepcopy(peft_model.peft_config["default"]))
@@ -66,10 +77,10 @@ def tokens(results: list[dict]) -> int:
 def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
     import torch
 
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.generation import DecodingConfig, generate_batch
-    from prism_lightning.gate_mlp import GateMLP
-    from prism_lightning.routing import GatedModel
+    from prism_lightning.inference.gated_model import GatedModel
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.gate_mlp import GateMLP
+    from prism_lightning.model.generation import DecodingConfig, generate_batch
 
     torch.manual_seed(0)
     gate = GateMLP(bb.model.config.hidden_size).eval()
@@ -137,8 +148,8 @@ def part_a(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
 
 
 def part_b(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.generation import DecodingConfig, generate_batch
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.generation import DecodingConfig, generate_batch
 
     formatter = ChatFormatter(bb.tokenizer)
     prompts = [formatter.prompt_ids(q) for q in QUESTIONS]
@@ -203,11 +214,11 @@ def distill_items(tokenizer, n_items: int = 4) -> list[dict]:
 def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_tokens unused
     import torch
 
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.data import Collator
-    from prism_lightning.losses import chunked_topk_kl, rows_at
-    from prism_lightning.modules.prism import PrismModule
-    from prism_lightning.personas import PersonaConfig, PersonaRegistry
+    from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.training.datamodule import Collator
+    from prism_lightning.training.losses import chunked_topk_kl, rows_at
+    from prism_lightning.training.modules.prism import PrismModule
 
     registry = PersonaRegistry.from_config(PersonaConfig(names=["math"]))
     collate = Collator(ChatFormatter(bb.tokenizer), {p.name: p.text for p in registry}, max_length=512)
@@ -264,7 +275,7 @@ def part_c(bb, peft_model, reps: int, new_tokens: int = 64) -> dict:  # new_toke
     # data.teacher: cached — the same batch with the teacher's top-k read from a cache built beforehand.
     import tempfile
 
-    from prism_lightning.teacher_cache import build_teacher_cache
+    from prism_lightning.training.teacher_cache import build_teacher_cache
 
     with tempfile.TemporaryDirectory() as cache_dir:
         items = distill_items(bb.tokenizer)

@@ -10,8 +10,18 @@ from __future__ import annotations
 
 import argparse
 
-from _common import (rounds_note, QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
-                     write_results)
+from _common import (
+    QUESTIONS,
+    interleaved,
+    load,
+    paired_ratios,
+    rounds_note,
+    setup,
+    strip_results,
+    table,
+    wait_for_quiet,
+    write_results,
+)
 
 TARGET = 6.0
 
@@ -22,8 +32,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
     setup()
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.generation import DecodingConfig, generate_batch
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.generation import DecodingConfig, generate_batch
 
     bb = load()
     formatter = ChatFormatter(bb.tokenizer)

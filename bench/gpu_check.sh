@@ -29,8 +29,8 @@ for strategy in ddp deepspeed_stage_2; do
     --trainer.accelerator gpu --trainer.devices 1 --trainer.precision bf16-mixed --trainer.strategy "$strategy" \
     --trainer.default_root_dir "$OUT/$strategy" --data.corpus_dir "$OUT/corpus" \
     --trainer.callbacks+=lightning.pytorch.callbacks.ThroughputMonitor \
-    --trainer.callbacks.batch_size_fn=prism_lightning.throughput.batch_rows \
-    --trainer.callbacks.length_fn=prism_lightning.throughput.batch_tokens \
+    --trainer.callbacks.batch_size_fn=prism_lightning.training.throughput.batch_rows \
+    --trainer.callbacks.length_fn=prism_lightning.training.throughput.batch_tokens \
     --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir "$OUT/$strategy/logs"
 done
 

@@ -16,8 +16,18 @@ import math
 import tempfile
 from pathlib import Path
 
-from _common import (rounds_note, QUESTIONS, interleaved, load, paired_ratios, setup, strip_results, table, wait_for_quiet,
-                     write_results)
+from _common import (
+    QUESTIONS,
+    interleaved,
+    load,
+    paired_ratios,
+    rounds_note,
+    setup,
+    strip_results,
+    table,
+    wait_for_quiet,
+    write_results,
+)
 
 # (candidate, baseline): a fuller persona-style answer and a terse baseline, both short.
 ANSWERS = [
@@ -58,9 +68,9 @@ def main() -> None:
     setup()
     from prism_lightning.bootstrap.config import JudgeConfig
     from prism_lightning.bootstrap.judge import PAIRWISE, Judge
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.generation import DecodingConfig, generate_batch
-    from prism_lightning.jsonl import JsonlSink
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.generation import DecodingConfig, generate_batch
+    from prism_lightning.utils.jsonl import JsonlSink
 
     bb = load()
     config = JudgeConfig(batch_size=8)

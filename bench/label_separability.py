@@ -23,12 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prism_lightning.backbone import BackboneConfig, load_backbone  # noqa: E402
 from prism_lightning.bootstrap.corpus import load_corpus  # noqa: E402
-from prism_lightning.chat import ChatFormatter  # noqa: E402
-from prism_lightning.features import capture_layer0, gather_positions  # noqa: E402
-from prism_lightning.gate_verdict import auroc_interval  # noqa: E402
-from prism_lightning.generation import left_pad, length_batches  # noqa: E402
+from prism_lightning.model.backbone import BackboneConfig, load_backbone  # noqa: E402
+from prism_lightning.model.chat import ChatFormatter  # noqa: E402
+from prism_lightning.model.features import capture_layer0, gather_positions  # noqa: E402
+from prism_lightning.model.generation import left_pad, length_batches  # noqa: E402
+from prism_lightning.training.gate_verdict import auroc_interval  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_separability.json"
 

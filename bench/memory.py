@@ -56,7 +56,7 @@ def model_dir(name: str) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from prism_lightning.templates import load_chat_template
+    from prism_lightning.model.templates import load_chat_template
 
     path = Path(os.environ.get("PRISM_CACHE_DIR", "/tmp/prismcache")) / f"bench-{name}"
     if (path / "config.json").is_file():
@@ -114,11 +114,11 @@ def child(args: argparse.Namespace) -> None:
     """One variant, one step, in this (fresh) process: print {"peak_mib", "loss", "seconds", "tokens"} as JSON."""
     import torch
 
-    from prism_lightning.backbone import BackboneConfig, load_backbone
-    from prism_lightning.chat import ChatFormatter
-    from prism_lightning.data import Collator
-    from prism_lightning.modules import PrismModule
-    from prism_lightning.modules.student import LoraSettings
+    from prism_lightning.model.backbone import BackboneConfig, load_backbone
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.lora import LoraSettings
+    from prism_lightning.training.datamodule import Collator
+    from prism_lightning.training.modules import PrismModule
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     device = torch.device(args.device)
@@ -138,7 +138,7 @@ def child(args: argparse.Namespace) -> None:
     if args.variant.startswith("cached"):
         import tempfile
 
-        from prism_lightning.teacher_cache import build_teacher_cache
+        from prism_lightning.training.teacher_cache import build_teacher_cache
 
         with tempfile.TemporaryDirectory() as cache_dir:
             collate.teacher_cache = build_teacher_cache(load_backbone(backbone), [collate.encode_item(i) for i in items],
@@ -181,7 +181,7 @@ def materialise_random(backbone: Any, device: Any) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from prism_lightning import backbone as backbones
+    from prism_lightning.model import backbone as backbones
 
     config = AutoConfig.from_pretrained(backbone.name_or_path)
     torch.manual_seed(0)

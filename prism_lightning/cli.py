@@ -18,22 +18,40 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from prism_lightning.adapters import adapter_names
 from prism_lightning.bootstrap.corpus import check_both_classes
-from prism_lightning.bootstrap.sharding import Shard
-from prism_lightning.data import BootstrapDataModule
-from prism_lightning.errors import PrismError
-from prism_lightning.modules.prism import PrismModule
-from prism_lightning.gate_verdict import gate_verdict
-from prism_lightning.launch import process_group
-from prism_lightning.notices import quiet_third_party_notices
-from prism_lightning.progress import announce
-from prism_lightning.strategies import check_command, check_strategy, stop_other_ranks  # importing registers them
+from prism_lightning.distributed import slurm
+from prism_lightning.distributed.launch import process_group
+from prism_lightning.distributed.sharding import Shard
+from prism_lightning.distributed.strategies import (  # importing registers them
+    check_command,
+    check_strategy,
+    stop_other_ranks,
+)
+from prism_lightning.distributed.zero_checkpoint import (
+    checkpoint_for_run,
+    is_deepspeed_checkpoint,
+    load_zero_checkpoint,
+    read_client_state,
+)
+from prism_lightning.model.adapters import adapter_names
+from prism_lightning.model.backbone import BackboneConfig
+from prism_lightning.model.generation import DecodingConfig
+from prism_lightning.model.lora import LoraSettings
 from prism_lightning.study.config import StudyConfig
-from prism_lightning.summary import adapter_choice_line, distillation_line, print_corpus_lines, \
-    print_corpus_summary
-from prism_lightning.zero_checkpoint import checkpoint_for_run, is_deepspeed_checkpoint, load_zero_checkpoint, \
-    read_client_state
+from prism_lightning.study.runner import StudyRun, print_plan
+from prism_lightning.training.callbacks.prediction_writer import PredictionWriter
+from prism_lightning.training.datamodule import BootstrapDataModule
+from prism_lightning.training.gate_verdict import gate_verdict
+from prism_lightning.training.modules.prism import PrismModule
+from prism_lightning.training.summary import (
+    adapter_choice_line,
+    distillation_line,
+    print_corpus_lines,
+    print_corpus_summary,
+)
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.notices import quiet_third_party_notices
+from prism_lightning.utils.progress import announce
 
 
 class PrismTrainer(L.Trainer):
@@ -59,7 +77,6 @@ class PrismTrainer(L.Trainer):
         Args:
             study: persona conditions and suites (default suites: ``data.benchmark``).
         """
-        from prism_lightning.study.runner import StudyRun, print_plan
 
         run = StudyRun(study, study.suites or datamodule.benchmark_config, datamodule.backbone_config,
                        datamodule.persona_config.names, Path(self.default_root_dir) / "study")
@@ -90,16 +107,14 @@ def load_checkpoint(path: Path) -> dict:
 
     A DeepSpeed checkpoint directory comes back in the same form, its sharded weights joined.
     """
-    import torch
-
-    from prism_lightning.backbone import BackboneConfig
-    from prism_lightning.generation import DecodingConfig
-    from prism_lightning.modules.student import LoraSettings
-
     if is_deepspeed_checkpoint(path):
         return load_zero_checkpoint(path)
     try:
-        with torch.serialization.safe_globals([BackboneConfig, LoraSettings, DecodingConfig]):
+        # Checkpoints written before the layered layout name these classes by their old paths.
+        renamed = [(BackboneConfig, "prism_lightning.backbone.BackboneConfig"),
+                   (LoraSettings, "prism_lightning.modules.student.LoraSettings"),
+                   (DecodingConfig, "prism_lightning.generation.DecodingConfig")]
+        with torch.serialization.safe_globals([BackboneConfig, LoraSettings, DecodingConfig, *renamed]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # never relay torch's advice to retry with weights_only=False
         raise PrismError(f"{path}: corrupt or incomplete checkpoint ({type(exc).__name__}); resume from an "
@@ -193,7 +208,6 @@ class PrismCLI(LightningCLI):
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = os.path.realpath(Path(trainer.default_root_dir) / "checkpoints")
         PrismCLI.current = self
-        from prism_lightning import slurm  # under Slurm: allocation check; a requeued fit resumes and requeues
         slurm.preflight(trainer, self.subcommand, self.config_init.get(str(self.subcommand)))
         return trainer
 
@@ -234,7 +248,6 @@ class PrismCLI(LightningCLI):
         self.resolve_ckpt_path()
         from lightning.pytorch.callbacks import BasePredictionWriter
 
-        from prism_lightning.callbacks.prediction_writer import PredictionWriter
 
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())

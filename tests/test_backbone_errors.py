@@ -8,9 +8,9 @@ import importlib.util
 import pytest
 import torch
 
-from prism_lightning import backbone as bb
-from prism_lightning.backbone import BackboneConfig, load_backbone, weights_fingerprint
-from prism_lightning.errors import PrismError
+from prism_lightning.model import backbone as bb
+from prism_lightning.model.backbone import BackboneConfig, load_backbone, weights_fingerprint
+from prism_lightning.utils.errors import PrismError
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +151,7 @@ def test_the_fingerprint_is_computed_in_chunks_with_the_value_it_always_had(monk
     embedding). Chunked, it gives the former value; no conversion ever sees more than one chunk."""
     import hashlib
 
-    import prism_lightning.backbone as backbone
+    import prism_lightning.model.backbone as backbone
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(3000, 16), torch.nn.Linear(16, 7))

@@ -22,7 +22,7 @@ def write_config(tmp: Path, **judge) -> Path:
     """A tiny bootstrap config: 2 personas x 3 queries, short generations, small batches (many kill points)."""
     config = {
         "trainer": {"default_root_dir": str(tmp / "run"), "logger": False},
-        "model": {"class_path": "prism_lightning.modules.PrismModule"},
+        "model": {"class_path": "prism_lightning.training.modules.PrismModule"},
         "data": {
             "personas": {"names": ["math", "writing"], "granularity": "half"},
             "queries": {"per_persona": 3, "oversample": 1.5, "max_rounds": 2,
@@ -186,7 +186,7 @@ def test_missing_persona_file_is_one_clear_line(tmp_path):
 
 def test_malformed_corpus_line_names_file_and_line(resumed_corpus, tmp_path):
     from prism_lightning.bootstrap.corpus import load_corpus
-    from prism_lightning.errors import PrismError
+    from prism_lightning.utils.errors import PrismError
 
     copy = tmp_path / "corpus"
     copy.mkdir()

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prism_lightning.calibration import expected_calibration_error, fit_temperature, select_threshold
-from prism_lightning.callbacks.discriminative_check import DiscriminativeAccuracyCheck
-from prism_lightning.callbacks.gate_calibration import GateCalibration
 from prism_lightning.evaluation import mmlu
-from prism_lightning.modules.gate import IntentGate
+from prism_lightning.training.calibration import expected_calibration_error, fit_temperature, select_threshold
+from prism_lightning.training.callbacks.discriminative_check import DiscriminativeAccuracyCheck
+from prism_lightning.training.callbacks.gate_calibration import GateCalibration
+from prism_lightning.training.modules.gate import IntentGate
 
 
 def miscalibrated(n: int = 4000, sharpness: float = 4.0, seed: int = 0):
@@ -74,8 +74,8 @@ def test_gate_calibration_callback_stores_temperature_and_threshold(tmp_path):
 
 @pytest.fixture
 def tiny_gated_parts(tiny_backbones):
-    from prism_lightning.gate_mlp import GateMLP
-    from prism_lightning.modules.student import LoraSettings, attach_lora
+    from prism_lightning.model.gate_mlp import GateMLP
+    from prism_lightning.model.lora import LoraSettings, attach_lora
 
     backbone = tiny_backbones(seed=0)
     peft_model = attach_lora(backbone, LoraSettings(rank=4, alpha=8, dropout=0.0)).eval()
@@ -104,7 +104,7 @@ def write_mmlu_the_base_model_gets_right(tmp_path, gated) -> str:
 
 @pytest.mark.parametrize("mode", ["stop", "warn"])
 def test_discriminative_check_stops_a_run_whose_adapter_destroys_accuracy(tiny_gated_parts, tmp_path, mode):
-    from prism_lightning.routing import GatedModel
+    from prism_lightning.inference.gated_model import GatedModel
 
     backbone, peft_model, gate = tiny_gated_parts
     make = lambda: GatedModel(backbone, peft_model, gate, threshold=0.0, temperature=1.0,  # noqa: E731

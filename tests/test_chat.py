@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from prism_lightning.chat import ChatFormatter, EncodedExample
-from prism_lightning.persona_specs import DOMAINS, build_persona_text
+from prism_lightning.contexts.domains import DOMAINS, build_persona_text
+from prism_lightning.model.chat import ChatFormatter, EncodedExample
 
 PERSONA = build_persona_text(DOMAINS["math"], "full")
 QUERY = "How do I invert a 3x3 matrix by hand without making arithmetic slips?"

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from prism_lightning.cli import resolve_checkpoint
-from prism_lightning.errors import PrismError
+from prism_lightning.utils.errors import PrismError
 
 # The monitored value per epoch: epoch 1 is best (lowest), epoch 2 is newer and kept too (top 2).
 SCORES = [3.0, 1.0, 2.0]

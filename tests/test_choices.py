@@ -1,4 +1,4 @@
-"""Choice reading (prism_lightning.choices) on real tokenizers with their real chat templates.
+"""Choice reading (prism_lightning.model.choices) on real tokenizers with their real chat templates.
 
 Llama-3 writes "10" as one token, Mistral v0.3 (SentencePiece) writes "1" as "▁", "1" and SmolLM2 writes "TIE" as
 "TI", "E": the reader must score every choice by its whole token sequence, in as few forwards as the trie of
@@ -15,17 +15,24 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
+from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.judge import GRADES, PAIRWISE_CHOICES, Judge
 from prism_lightning.bootstrap.protocols import expected_score
-from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.choices import (FLOOR, ChoiceReader, complete_answer_logprobs, encode_choices, forward_paths,
-                                     nearest_extensions, opens_reasoning)
-from prism_lightning.errors import PrismError
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.judging import EvalJudge
-from prism_lightning.generation import token_logprobs
-from prism_lightning.templates import load_chat_template
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.choices import (
+    FLOOR,
+    ChoiceReader,
+    complete_answer_logprobs,
+    encode_choices,
+    forward_paths,
+    nearest_extensions,
+    opens_reasoning,
+)
+from prism_lightning.model.generation import token_logprobs
+from prism_lightning.model.templates import load_chat_template
+from prism_lightning.utils.errors import PrismError
 
 CHOICE_SETS = {"pairwise": PAIRWISE_CHOICES, "grades": GRADES, "yes/no": ("Yes", "No"), "letters": tuple("ABCD")}
 PROMPTS = ["Rate the answer from 1 to 10. Reply with the number only.", "A or B?"]
@@ -263,7 +270,7 @@ def test_corpus_judge_pairwise_columns_on_smollm2(tiny_backbone, tmp_path):
     """A and B are today's first-token log-probs; TIE ("TI", "E") is now its whole sequence, read in the same
     single forward (prompt + "TI")."""
     from prism_lightning.bootstrap.judge import PAIRWISE
-    from prism_lightning.jsonl import JsonlSink, read_jsonl
+    from prism_lightning.utils.jsonl import JsonlSink, read_jsonl
 
     tok = tiny_backbone.tokenizer
     judge = Judge(tiny_backbone, JudgeConfig())
@@ -283,7 +290,7 @@ def test_corpus_judge_grades_on_smollm2_equal_the_first_token_reading(tiny_backb
     """Grades 1..9 from first tokens, 10 = "1" then "0", and the grade 1 without the 10: the expected score is the
     one the first-token reading gave."""
     from prism_lightning.bootstrap.judge import POINTWISE
-    from prism_lightning.jsonl import JsonlSink, read_jsonl
+    from prism_lightning.utils.jsonl import JsonlSink, read_jsonl
 
     tok = tiny_backbone.tokenizer
     judge = Judge(tiny_backbone, JudgeConfig(protocol="pointwise"))

@@ -14,7 +14,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prism_lightning.cli import main
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "models").glob("*.yaml"))
@@ -64,10 +64,10 @@ def fit_config(tmp: Path, model_dir: Path, corpus: Path, epochs: int = 2, extra_
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": str(tmp / "logs"), "name": "", "version": ""}},
             # No dirpath: the CLI puts checkpoints under default_root_dir (tests rely on <root>/checkpoints).
-            "callbacks": [{"class_path": "prism_lightning.callbacks.run_checkpoint.RunCheckpoint"},
+            "callbacks": [{"class_path": "prism_lightning.training.callbacks.run_checkpoint.RunCheckpoint"},
                           *extra_callbacks],
         },
-        "model": {"class_path": "prism_lightning.modules.PrismModule",
+        "model": {"class_path": "prism_lightning.training.modules.PrismModule",
                   "init_args": {"lora": {"rank": 4, "alpha": 8, "dropout": 0.0}, "lr": 1e-3, "top_k": 16}},
         "data": {"backbone": {"name_or_path": str(model_dir)},
                  "personas": {"names": ["math", "writing"], "granularity": "min"},
@@ -98,7 +98,7 @@ def test_print_config_round_trips(config, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(saved), "--print_config"])
     assert capsys.readouterr().out == first
-    assert yaml.safe_load(first)["model"]["class_path"] == "prism_lightning.modules.PrismModule"
+    assert yaml.safe_load(first)["model"]["class_path"] == "prism_lightning.training.modules.PrismModule"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.name)
@@ -124,7 +124,7 @@ def test_full_benchmark_fragment_composes(capsys):
 def test_fit_exports_and_user_callback_fires(tiny_model, tmp_path):
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
     hooks = tmp_path / "hooks.json"
-    recorder = {"class_path": "prism_lightning.callbacks.example.HookRecorder", "init_args": {"path": str(hooks)}}
+    recorder = {"class_path": "prism_lightning.training.callbacks.example.HookRecorder", "init_args": {"path": str(hooks)}}
     main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, extra_callbacks=[recorder]))])
     fired = [e["hook"] for e in json.loads(hooks.read_text())]
     assert fired[0] == "on_fit_start" and fired[-1] == "on_fit_end"
@@ -136,7 +136,7 @@ def test_fit_exports_and_user_callback_fires(tiny_model, tmp_path):
     assert all("lora_" in k or k.startswith("gate.") for k in ckpt["state_dict"]), "frozen base in checkpoint"
     assert ckpt["optimizer_states"] and ckpt["prism_base_model"]["fingerprint"]
     # A fresh process loads the export with GatedModel, no Lightning, and generates with routing.
-    code = ("import json,sys; from prism_lightning import GatedModel; from prism_lightning.generation import "
+    code = ("import json,sys; from prism_lightning import GatedModel; from prism_lightning.model.generation import "
             "DecodingConfig; m = GatedModel.from_pretrained(sys.argv[1]); "
             "rows = m.generate(['hello there', 'what is two plus two?'], DecodingConfig(max_new_tokens=4)); "
             "loaded = sorted(n for n in sys.modules if n.split('.')[0] in ('lightning', 'pytorch_lightning')); "
@@ -234,9 +234,9 @@ def _mmlu_base_gets_right(directory: Path, model_dir: Path) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prism_lightning.chat import ChatFormatter
     from prism_lightning.evaluation import mmlu
-    from prism_lightning.generation import token_logprobs
+    from prism_lightning.model.chat import ChatFormatter
+    from prism_lightning.model.generation import token_logprobs
 
     # A fresh load, not the process's backbone cache: an earlier fit in this process left its LoRA layers there.
     backbone = SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(model_dir).eval(),
@@ -265,7 +265,7 @@ def test_discriminative_check_stops_prism_fit_when_the_adapter_destroys_accuracy
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
     source = _mmlu_base_gets_right(tmp_path / "mmlu", tiny_model)
     callbacks = [{"class_path": "conftest.DestroyAdapter"},
-                 {"class_path": "prism_lightning.callbacks.discriminative_check.DiscriminativeAccuracyCheck",
+                 {"class_path": "prism_lightning.training.callbacks.discriminative_check.DiscriminativeAccuracyCheck",
                   "init_args": {"mmlu_source": str(source), "n": 20, "tolerance": 5.0, "mode": "stop"}}]
     main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=3, extra_callbacks=callbacks))])
     rows = list(csv.DictReader((tmp_path / "logs" / "metrics.csv").open()))
@@ -282,8 +282,8 @@ def test_lightnings_throughput_monitor_counts_prism_batches(tiny_model, tmp_path
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 6)
     main(["fit", "--config", str(fit_config(tmp_path, tiny_model, corpus, epochs=1)),
           "--trainer.callbacks+=lightning.pytorch.callbacks.ThroughputMonitor",
-          "--trainer.callbacks.batch_size_fn=prism_lightning.throughput.batch_rows",
-          "--trainer.callbacks.length_fn=prism_lightning.throughput.batch_tokens"])
+          "--trainer.callbacks.batch_size_fn=prism_lightning.training.throughput.batch_rows",
+          "--trainer.callbacks.length_fn=prism_lightning.training.throughput.batch_tokens"])
     rows = [r for r in csv.DictReader((tmp_path / "logs" / "metrics.csv").open()) if r.get("train/lengths")]
     assert rows, "ThroughputMonitor logged nothing"
     last = rows[-1]

@@ -10,14 +10,14 @@ import torch
 
 from prism_lightning.bootstrap.config import QueryConfig
 from prism_lightning.bootstrap.queries import candidate_intent, candidate_prompt, select_queries
-from prism_lightning.chat import ChatFormatter
 from prism_lightning.contexts.fidelity import ROWS, Probe, load_probes, measure_fidelity, predicted_choices
 from prism_lightning.contexts.fixtures import MEMORY_SLOTS, TOOLS, memory_fixture, tools_fixture, write_fixture
 from prism_lightning.contexts.kinds import KINDS, render_block
-from prism_lightning.data import Collator
-from prism_lightning.errors import PrismError
-from prism_lightning.generation import continuation_logprob
-from prism_lightning.personas import ContextSource, PersonaConfig, PersonaRegistry
+from prism_lightning.contexts.personas import ContextSource, PersonaConfig, PersonaRegistry
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.generation import continuation_logprob
+from prism_lightning.training.datamodule import Collator
+from prism_lightning.utils.errors import PrismError
 
 QUERY = "Which floor is my flat on, and does the lift work?"
 
@@ -219,8 +219,8 @@ def gated_model(backbone, threshold: float):
     gate on every prompt, above 1 on none."""
     from peft import LoraConfig, get_peft_model
 
-    from prism_lightning.gate_mlp import GateMLP
-    from prism_lightning.routing import GatedModel
+    from prism_lightning.inference.gated_model import GatedModel
+    from prism_lightning.model.gate_mlp import GateMLP
 
     torch.manual_seed(0)
     model = get_peft_model(backbone.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],

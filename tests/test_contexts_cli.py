@@ -79,7 +79,7 @@ def test_k_way_fit_exports_three_adapters_that_route_a_mixed_batch(tmp_path):
     script = f"""
 import json, torch
 from prism_lightning import GatedModel
-from prism_lightning.generation import DecodingConfig
+from prism_lightning.model.generation import DecodingConfig
 g = GatedModel.from_pretrained({str(export)!r})
 prompts = [json.loads(l)["question"] for l in open("configs/contexts/memory/probes.jsonl")][:16]
 ids = [g.prompt_ids(p) for p in prompts]

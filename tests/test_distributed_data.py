@@ -11,8 +11,8 @@ import torch
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DistributedSampler
 
-from prism_lightning.data import BalancedSampler, BootstrapDataModule
-from prism_lightning.modules.prism import merge_rank_outputs
+from prism_lightning.training.datamodule import BalancedSampler, BootstrapDataModule
+from prism_lightning.training.modules.prism import merge_rank_outputs
 
 LABELS = [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # 2 of 11: the minority is resampled
 

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from dist_helpers import prism_env, route_export, run_prism, trainable_only
-from prism_lightning.cli import main
+from safetensors.torch import load_file
 from test_cli_fit import fit_config, save_tiny_model, train_losses, write_corpus
+
+from prism_lightning.cli import main
 
 LABELS = [1, 0, 0] * 4  # 4 distill / 8 retain; held out: 1 + 2
 N_HELD_OUT = 3
-CALLBACKS = [{"class_path": "prism_lightning.callbacks.gate_calibration.GateCalibration"},
-             {"class_path": "prism_lightning.callbacks.routing_report.RoutingReport"}]
+CALLBACKS = [{"class_path": "prism_lightning.training.callbacks.gate_calibration.GateCalibration"},
+             {"class_path": "prism_lightning.training.callbacks.routing_report.RoutingReport"}]
 # MMLU base vs gated: under DDP each rank scores half the items; under ZeRO-3 (collective forwards) all of them.
-DISC = {"class_path": "prism_lightning.callbacks.discriminative_check.DiscriminativeAccuracyCheck",
+DISC = {"class_path": "prism_lightning.training.callbacks.discriminative_check.DiscriminativeAccuracyCheck",
         "init_args": {"n": 4, "every_n_epochs": 1, "tolerance": 100.0}}
 # LoRA dropout on: each rank's generator runs its own course (mask sizes follow its batches), so an exact resume
 # needs every rank's random state back, not rank 0's on all of them.
@@ -188,7 +188,7 @@ def test_quickstart_on_two_processes_under_zero2_exports_a_loadable_artifact(tmp
               "--data.personas.granularity", "min", timeout=1500)
     for states in (run / "checkpoints" / "last.ckpt" / "checkpoint").glob("*model_states.pt"):
         assert trainable_only(torch.load(states, weights_only=True, map_location="cpu")["module"]), states.name
-    code = ("import json, sys; from prism_lightning import GatedModel; from prism_lightning.generation import "
+    code = ("import json, sys; from prism_lightning import GatedModel; from prism_lightning.model.generation import "
             "DecodingConfig; m = GatedModel.from_pretrained(sys.argv[1], device='cpu'); "
             "print(json.dumps(m.generate(['What is 17 * 23?', 'Write a haiku about rain.'], "
             "DecodingConfig(max_new_tokens=8))))")

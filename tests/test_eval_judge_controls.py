@@ -9,13 +9,21 @@ import torch
 
 from prism_lightning.bootstrap.degrade import KINDS
 from prism_lightning.bootstrap.judge import PAIRWISE_CHOICES
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.choices import ChoiceReader
-from prism_lightning.evaluation.judge_controls import (COMPLIANT, REFUSALS, answer_items, grade_control, judge_line,
-                                                       preference_control, refusal_control, refusal_items)
+from prism_lightning.evaluation.judge_controls import (
+    COMPLIANT,
+    REFUSALS,
+    answer_items,
+    grade_control,
+    judge_line,
+    preference_control,
+    refusal_control,
+    refusal_items,
+)
 from prism_lightning.evaluation.judging import Verdicts
 from prism_lightning.evaluation.report import judge_cell, summary_lines, write_report
 from prism_lightning.evaluation.suites import MT_JUDGE, REFUSAL
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.choices import ChoiceReader
 
 HELD_OUT = [{"id": f"q{k}", "query": f"Question {k}: how does part {k} work?", "label": k % 2,
              "baseline_answer": f"Part {k} works like this. It turns the wheel. Then the wheel moves the belt {k}."}
@@ -134,8 +142,8 @@ def test_report_marks_scores_from_a_judge_at_chance(tmp_path):
 
 
 def test_a_benchmark_run_schedules_judge_controls_only_when_a_judge_is_used():
+    from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
     from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
-    from prism_lightning.personas import PersonaConfig, PersonaRegistry
 
     registry = PersonaRegistry.from_config(PersonaConfig())
     mmlu_only = BenchmarkRun(BenchmarkConfig(mmlu_n=4), registry, HELD_OUT, {})

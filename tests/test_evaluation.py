@@ -16,23 +16,39 @@ import pytest
 import torch
 from rich.console import Console
 
-from prism_lightning.errors import PrismError
+from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.evaluation import mmlu
-from prism_lightning.evaluation.analysis import (compare_rows, overall, routing_correlation, scored_by_every_row,
-                                                 shared_subcategories)
+from prism_lightning.evaluation.analysis import (
+    compare_rows,
+    overall,
+    routing_correlation,
+    scored_by_every_row,
+    shared_subcategories,
+)
 from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
 from prism_lightning.evaluation.judging import EvalJudge
 from prism_lightning.evaluation.report import print_table, write_report
 from prism_lightning.evaluation.rows import MATCHED, Row, default_rows
-from prism_lightning.evaluation.stats import (bootstrap_interval, preference_outcomes, preference_summary,
-                                              stratified_items)
-from prism_lightning.evaluation.suites import (MT_JUDGE, REFUSAL, REFUSAL_SYSTEM, run_mmlu, run_mt_bench,
-                                               run_preference, run_safety)
-from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.generation import DecodingConfig
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.evaluation.stats import (
+    bootstrap_interval,
+    preference_outcomes,
+    preference_summary,
+    stratified_items,
+)
+from prism_lightning.evaluation.suites import (
+    MT_JUDGE,
+    REFUSAL,
+    REFUSAL_SYSTEM,
+    run_mmlu,
+    run_mt_bench,
+    run_preference,
+    run_safety,
+)
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.generation import DecodingConfig
+from prism_lightning.utils.errors import PrismError
 
 DECODING = DecodingConfig(max_new_tokens=4, batch_size=8)
 ROW_NAMES = ["Base", "Expert (matched)", "Expert (helpful)", "Ungated LoRA", "PRISM"]
@@ -53,9 +69,9 @@ def formatter(smol_tokenizer) -> ChatFormatter:
 @pytest.fixture
 def gated(tiny_backbones):
     """A GatedModel over a tiny random Llama: LoRA (rank 4) with random lora_B, a random gate, threshold 0.5."""
-    from prism_lightning.gate_mlp import GateMLP
-    from prism_lightning.modules.student import LoraSettings, attach_lora
-    from prism_lightning.routing import GatedModel
+    from prism_lightning.inference.gated_model import GatedModel
+    from prism_lightning.model.gate_mlp import GateMLP
+    from prism_lightning.model.lora import LoraSettings, attach_lora
 
     backbone = tiny_backbones(seed=0)
     peft_model = attach_lora(backbone, LoraSettings(rank=4, alpha=8, dropout=0.0))
@@ -1228,7 +1244,7 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
 # =========================================================================== 9. cache.py and the fast paths
 def test_token_logprobs_one_forward_equals_two(gated):
     """tail=2 over prompt + "1" gives the same log-probs as scoring prompt and prompt + "1" separately."""
-    from prism_lightning.generation import next_token_logprobs, token_logprobs
+    from prism_lightning.model.generation import next_token_logprobs, token_logprobs
 
     tok = gated.backbone.tokenizer
     ids = [gated.prompt_ids(p) for p in ("Rate this.", "A much longer prompt to rate, with more tokens in it.")]

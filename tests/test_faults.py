@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_cli_fit import fit_config, save_tiny_model, train_losses, write_corpus
 
 from prism_lightning.cli import main
-from test_cli_fit import fit_config, save_tiny_model, train_losses, write_corpus
 
 PRISM = [sys.executable, "-m", "prism_lightning.cli"]
 PAUSE = {"class_path": "conftest.PauseAfterFirstEpoch", "init_args": {"seconds": 8}}  # SIGTERM acts after it
@@ -218,7 +218,7 @@ def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(trained, capsys)
 @pytest.mark.parametrize("damage", ["truncated", "random"])
 def test_a_corrupt_gate_file_names_the_file(trained, damage):
     from prism_lightning import GatedModel
-    from prism_lightning.errors import PrismError
+    from prism_lightning.utils.errors import PrismError
 
     _, run = trained
     gate = run / "export" / "gate.safetensors"

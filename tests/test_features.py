@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from prism_lightning.backbone import Backbone, BackboneConfig, weights_fingerprint
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.features import capture_layer0, first_decoder_layer, gather_positions, layer0_features
-from prism_lightning.generation import left_pad
-from prism_lightning.modules.student import ALL_PROJECTIONS, LoraSettings, attach_lora
+from prism_lightning.model.backbone import Backbone, BackboneConfig, weights_fingerprint
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.features import capture_layer0, first_decoder_layer, gather_positions, layer0_features
+from prism_lightning.model.generation import left_pad
+from prism_lightning.model.lora import ALL_PROJECTIONS, LoraSettings, attach_lora
 
 QUERIES = ["Hi!",
            "What is the derivative of x squared times the sine of x?",

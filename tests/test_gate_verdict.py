@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from prism_lightning.calibration import fit_temperature
-from prism_lightning.gate_verdict import auroc_interval, gate_verdict
+from prism_lightning.training.calibration import fit_temperature
+from prism_lightning.training.gate_verdict import auroc_interval, gate_verdict
 
 
 def test_auroc_interval_is_the_wider_of_hanley_mcneil_and_wilson():
     """Checked against both formulas by hand on 90 items per class."""
-    from prism_lightning.bootstrap.protocols import wilson_interval
+    from prism_lightning.utils.stats import wilson_interval
 
     probs = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.7, 0.9] * 30)
     labels = torch.tensor([0, 0, 1, 1, 0, 1] * 30)

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import JsonlSink, read_jsonl, write_json, write_jsonl
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.jsonl import JsonlSink, read_jsonl, write_json, write_jsonl
 
 
 def _lines(path) -> list[str]:

@@ -12,11 +12,20 @@ from prism_lightning.bootstrap.answers import BASELINE
 from prism_lightning.bootstrap.compare import best_protocol, compare_protocols, print_comparison
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.degrade import KINDS, cut, degrade, shuffle, splice
-from prism_lightning.bootstrap.labels import (control_accuracy, control_pairs, controls_verdict, label_queries,
-                                              main_comparisons, quality_accuracy, quality_comparisons,
-                                              relevance_comparisons, scoring_items)
-from prism_lightning.bootstrap.protocols import likelihood_score, wilson_interval
-from prism_lightning.summary import judge_verdict
+from prism_lightning.bootstrap.labels import (
+    control_accuracy,
+    control_pairs,
+    controls_verdict,
+    label_queries,
+    main_comparisons,
+    quality_accuracy,
+    quality_comparisons,
+    relevance_comparisons,
+    scoring_items,
+)
+from prism_lightning.bootstrap.protocols import likelihood_score
+from prism_lightning.training.summary import judge_verdict
+from prism_lightning.utils.stats import wilson_interval
 
 ANSWER = ("Sort the list first. Then walk it once, comparing neighbours. Equal neighbours are duplicates. "
           "Remove them as you go.")
@@ -224,7 +233,7 @@ def test_control_accuracy_reads_a_protocol_other_than_the_configured_one():
 
 # --------------------------------------------------------------------------- scoring with a model
 def test_continuation_logprob_equals_the_full_forward(tiny_backbone):
-    from prism_lightning.generation import continuation_logprob
+    from prism_lightning.model.generation import continuation_logprob
 
     model, pad = tiny_backbone.model, tiny_backbone.tokenizer.pad_token_id
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
@@ -240,8 +249,8 @@ def test_continuation_logprob_equals_the_full_forward(tiny_backbone):
 
 def test_score_likelihood_stores_conditional_and_unconditional_sums(tiny_backbone, tmp_path):
     from prism_lightning.bootstrap.judge import Judge
-    from prism_lightning.generation import continuation_logprob
-    from prism_lightning.jsonl import JsonlSink, read_jsonl
+    from prism_lightning.model.generation import continuation_logprob
+    from prism_lightning.utils.jsonl import JsonlSink, read_jsonl
 
     judge = Judge(tiny_backbone, JudgeConfig(protocol="pmi", batch_size=2))
     items = [{"id": "lik/a", "question": "What is 2+2?", "answer": "4"},

@@ -8,9 +8,9 @@ import pytest
 
 from prism_lightning.bootstrap.answers import BASELINE
 from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
 from prism_lightning.bootstrap.judge import POINTWISE
-from prism_lightning.bootstrap.protocols import wilson_interval
+from prism_lightning.bootstrap.labels import control_accuracy, control_pairs, label_queries
+from prism_lightning.utils.stats import wilson_interval
 
 # (first, second) log-probs over (A, B, TIE); first order shows (baseline, candidate), second (candidate, baseline).
 WIN = ([-3.0, -0.1, -4.0], [-0.1, -3.0, -4.0])            # candidate wins both, margin +2.9
@@ -217,8 +217,8 @@ def test_score_points_stores_the_two_forward_grade_log_probs(tiny_backbone, tmp_
     """The corpus judge's pointwise grades, read in one forward, equal scoring prompt and prompt + "1" apart
     (SmolLM2 writes "10" as "1", "0": grade 10 is "1" then "0", grade 1 is "1" less that)."""
     from prism_lightning.bootstrap.judge import Judge
-    from prism_lightning.generation import next_token_logprobs
-    from prism_lightning.jsonl import JsonlSink, read_jsonl
+    from prism_lightning.model.generation import next_token_logprobs
+    from prism_lightning.utils.jsonl import JsonlSink, read_jsonl
 
     judge = Judge(tiny_backbone, JudgeConfig(protocol="pointwise"))
     tok = tiny_backbone.tokenizer

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from prism_lightning.losses import kl_divergence, response_logits
+from prism_lightning.training.losses import kl_divergence, response_logits
 
 N, V = 6, 300
 
@@ -126,7 +125,7 @@ def test_response_logits_keeps_the_graph():
 
 
 # --------------------------------------------------------------------------- the training path: top-k, chunked head
-from prism_lightning.losses import chunked_topk_kl, rows_at, teacher_topk  # noqa: E402
+from prism_lightning.training.losses import chunked_topk_kl, rows_at, teacher_topk  # noqa: E402
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 100])

@@ -8,14 +8,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from prism_lightning.backbone import BackboneConfig
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.data import Collator
-from prism_lightning.errors import PrismError
-from prism_lightning.losses import kl_divergence, response_logits
-from prism_lightning.modules import IntentGate, LoraSettings, PrismModule
-from prism_lightning.modules.student import ALL_PROJECTIONS
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.model.backbone import BackboneConfig
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.lora import ALL_PROJECTIONS
+from prism_lightning.training.datamodule import Collator
+from prism_lightning.training.losses import kl_divergence, response_logits
+from prism_lightning.training.modules import IntentGate, LoraSettings, PrismModule
+from prism_lightning.utils.errors import PrismError
 
 GEN_PROMPT = "<|im_start|>assistant\n"
 PERSONAS = {"math": "You are a meticulous mathematician who proves every step.",
@@ -418,8 +418,8 @@ def test_a_few_real_training_steps_lower_the_held_out_kl(real_backbone):
 @torch.no_grad()
 def test_training_features_under_right_padding_equal_inference_features_under_left_padding(real_backbone):
     """The gate trains on right-padded batches (Collator) and runs on left-padded ones (GatedModel): same features."""
-    from prism_lightning.features import capture_layer0, gather_positions, layer0_features
-    from prism_lightning.generation import left_pad
+    from prism_lightning.model.features import capture_layer0, gather_positions, layer0_features
+    from prism_lightning.model.generation import left_pad
 
     formatter = ChatFormatter(real_backbone.tokenizer)
     items = [MATH_ITEMS[0], ITEMS[1], MATH_ITEMS[2]]
@@ -479,7 +479,7 @@ def test_the_teacher_runs_only_on_rows_that_have_loss_tokens_and_gives_the_same_
     args = (tiny_batch["teacher_ids"], tiny_batch["teacher_mask"], tiny_batch["teacher_pos"], mask)
     values, index = module.teacher_targets(*args)
     assert seen == [1]  # one of the two rows is a retain row: no teacher forward for it
-    monkeypatch.setattr("prism_lightning.modules.student.world_size", lambda: 2)  # several ranks: every row
+    monkeypatch.setattr("prism_lightning.training.modules.student.world_size", lambda: 2)  # several ranks: every row
     all_values, all_index = module.teacher_targets(*args)
     assert seen == [1, 2]
     torch.testing.assert_close(values, all_values, rtol=1e-5, atol=1e-5)
@@ -495,6 +495,6 @@ def test_with_several_ranks_a_batch_without_loss_tokens_still_runs_the_teacher(t
     calls = []
     targets = module.teacher_targets
     monkeypatch.setattr(module, "teacher_targets", lambda *a: calls.append(1) or targets(*a))
-    monkeypatch.setattr("prism_lightning.modules.student.world_size", lambda: 2)
+    monkeypatch.setattr("prism_lightning.training.modules.student.world_size", lambda: 2)
     out = module.distill_loss(batch, module.student_hidden(batch))
     assert calls == [1] and out["kl"].item() == 0.0 and out["kl"].requires_grad

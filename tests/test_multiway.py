@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prism_lightning.adapters import adapter_names, adapter_of, check_adapters
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.data import Collator
-from prism_lightning.errors import PrismError
-from prism_lightning.export import CONFIG_FILE
-from prism_lightning.gate_mlp import GateMLP, open_logit, route_loss
-from prism_lightning.generation import DecodingConfig
-from prism_lightning.modules import LoraSettings, PrismModule
-from prism_lightning.routing import BASE, GatedModel
-from prism_lightning.row_routing import rows_on_adapters
+from prism_lightning.inference.export import CONFIG_FILE
+from prism_lightning.inference.gated_model import BASE, GatedModel
+from prism_lightning.model.adapters import adapter_names, adapter_of, check_adapters
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.gate_mlp import GateMLP, open_logit, route_loss
+from prism_lightning.model.generation import DecodingConfig
+from prism_lightning.model.row_routing import rows_on_adapters
+from prism_lightning.training.datamodule import Collator
+from prism_lightning.training.modules import LoraSettings, PrismModule
+from prism_lightning.utils.errors import PrismError
 
 ADAPTERS = ["memory", "tools", "docs"]
 PROMPTS = [f"Question {n}: " + q for n, q in enumerate([
@@ -138,8 +138,8 @@ def test_k_way_export_round_trip_routes_a_mixed_batch_exactly(tiny_backbones, tm
 def spread_choices(gated: GatedModel, ids) -> None:
     """Re-centre the gate's last layer on these prompts, so that its adapter choices differ between rows (an
     untrained gate on a tiny random model picks one adapter for every prompt)."""
-    from prism_lightning.features import layer0_features
-    from prism_lightning.generation import left_pad
+    from prism_lightning.model.features import layer0_features
+    from prism_lightning.model.generation import left_pad
 
     padded, mask = left_pad(ids, gated.backbone.tokenizer.pad_token_id, gated.backbone.device)
     with torch.no_grad(), gated.model.disable_adapter():
@@ -183,7 +183,7 @@ def test_a_checkpoint_of_fewer_adapters_is_refused(tiny_backbones):
 
 
 def test_the_adapter_choice_line_counts_distill_items_only():
-    from prism_lightning.summary import adapter_choice_line
+    from prism_lightning.training.summary import adapter_choice_line
 
     held = {"routes": torch.tensor([0, 1, 2, 3, 3, 0]), "choice": torch.tensor([2, 1, 2, 1, 3, 1])}
     line = adapter_choice_line(held, ADAPTERS)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("prism_lightning", "prism_lightning.bootstrap", "prism_lightning.modules",
-               "prism_lightning.evaluation", "prism_lightning.callbacks")
+SUBPACKAGES = ("prism_lightning", "prism_lightning.bootstrap", "prism_lightning.training.modules",
+               "prism_lightning.evaluation", "prism_lightning.training.callbacks")
 
 
 def source_packages() -> list[str]:
@@ -52,8 +52,10 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
             "names = [m.name for m in pkgutil.walk_packages(prism_lightning.__path__, 'prism_lightning.')]\n"
             "for n in names: importlib.import_module(n)\n"
             "root = pathlib.Path(prism_lightning.__file__).parent\n"
-            "data = sorted(p.name for p in (root / 'templates').glob('*.jinja'))\n"
-            "print(json.dumps({'file': prism_lightning.__file__, 'modules': names, 'templates': data}))")
+            "data = sorted(p.name for p in (root / 'model' / 'templates').glob('*.jinja'))\n"
+            "domains = sorted(p.name for p in (root / 'contexts' / 'data').glob('*.yaml'))\n"
+            "print(json.dumps({'file': prism_lightning.__file__, 'modules': names, 'templates': data,\n"
+            "                  'domains': domains}))")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -62,8 +64,9 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
                 for m in (ROOT / Path(*p.split("."))).glob("*.py") if m.stem != "__init__"}
     assert set(SUBPACKAGES) <= set(source_packages()) <= set(result["modules"]) | {"prism_lightning"}
     assert expected <= set(result["modules"]), expected - set(result["modules"])
-    assert result["templates"] == sorted(p.name for p in (ROOT / "prism_lightning" / "templates").glob("*.jinja"))
+    assert result["templates"] == sorted(p.name for p in (ROOT / "prism_lightning" / "model" / "templates").glob("*.jinja"))
     assert result["templates"], "package data (chat templates) missing from the wheel"
+    assert result["domains"] == ["domains.yaml"], "package data (persona domains) missing from the wheel"
     help_out = subprocess.run([str(wheel_env / "bin" / "prism"), "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]

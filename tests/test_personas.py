@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from prism_lightning.errors import PrismError
-from prism_lightning.persona_specs import DOMAINS, GRANULARITIES, build_persona_text
-from prism_lightning.personas import GENERIC_QUESTION_STYLES, PersonaConfig, PersonaRegistry
+from prism_lightning.contexts.domains import DOMAINS, GRANULARITIES, build_persona_text
+from prism_lightning.contexts.personas import GENERIC_QUESTION_STYLES, PersonaConfig, PersonaRegistry
+from prism_lightning.utils.errors import PrismError
 
 PAPER_PERSONAS = ["coding", "math", "reasoning", "writing", "extraction", "roleplay", "stem", "humanities",
                   "helpful", "compliant", "critic", "safety_monitor"]
@@ -117,3 +118,48 @@ def test_unknown_lookup_raises():
     registry = PersonaRegistry.from_config(PersonaConfig(names=["math"]))
     with pytest.raises(PrismError, match="'coding'"):
         registry["coding"]
+
+
+def _domain(**changes) -> dict:
+    entry = {"role": "lawyer", "qualifier": "careful", "priority": "precision matters more than speed",
+             "subdomains": ["contracts", "torts"], "style": "cite the rule, then apply it",
+             "pitfalls": ["jurisdiction mix-ups"], "value": "give advice a court would uphold", "category": "task",
+             "question_styles": ["a question about a clause"]}
+    entry.update(changes)
+    return entry
+
+
+def test_a_persona_is_added_by_a_domains_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"domains": {"law": _domain()}}))
+    registry = PersonaRegistry.from_config(PersonaConfig(names=["law", "math"], granularity="min",
+                                                         domains=str(path)))
+    assert registry.names == ["law", "math"]
+    assert registry["law"].text == "You are a lawyer." and registry["law"].topics == ("contracts", "torts")
+    assert registry["math"].text == build_persona_text(DOMAINS["math"], "min")
+    everything = PersonaRegistry.from_config(PersonaConfig(domains=str(path)))
+    assert everything.names == [*DOMAINS, "law"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"domains": {"law": _domain(role="")}}, r"mine.yaml: domains.law.role: expected a non-empty text"),
+    ({"domains": {"law": {k: v for k, v in _domain().items() if k != "value"}}},
+     r"mine.yaml: domains.law: missing value"),
+    ({"domains": {"law": _domain(colour="red")}}, r"mine.yaml: domains.law: unknown colour"),
+    ({"domains": {"law": _domain(pitfalls="one")}}, r"domains.law.pitfalls: expected a non-empty list"),
+    ({"domains": {"math": _domain()}}, r"domain 'math' is a built-in persona"),
+    ({"templates": {"min": "x"}, "domains": {"law": _domain()}}, r"`templates:` is shared"),
+    ({"personas": {}}, r"mine.yaml: expected a mapping with a non-empty `domains:`"),
+])
+def test_a_bad_domains_file_names_the_file_and_entry(tmp_path, content, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(PrismError, match=message):
+        PersonaRegistry.from_config(PersonaConfig(names=["law"], domains=str(path)))
+
+
+def test_a_domains_file_with_a_yaml_error_names_its_line(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("domains:\n  law:\n    role: [unclosed\n")
+    with pytest.raises(PrismError, match=r"data.personas.domains: .*mine.yaml:\d+: not valid YAML"):
+        PersonaRegistry.from_config(PersonaConfig(names=["law"], domains=str(path)))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.data import Collator
-from prism_lightning.generation import right_pad
-from prism_lightning.modules import LoraSettings, PrismModule
-from prism_lightning.prefix_states import PrefixStates, hidden_after_prefixes, shared_prefix_len
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.generation import right_pad
+from prism_lightning.model.prefix_states import PrefixStates, hidden_after_prefixes, shared_prefix_len
+from prism_lightning.training.datamodule import Collator
+from prism_lightning.training.modules import LoraSettings, PrismModule
 
 PERSONAS = {"math": "You are a meticulous mathematician who proves every step and names each rule you use.",
             "coding": "You are a senior Python engineer."}

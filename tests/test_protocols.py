@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from prism_lightning.bootstrap.protocols import decide_pairwise, expected_score, wilson_interval
-from prism_lightning.choices import complete_answer_logprobs
+from prism_lightning.bootstrap.protocols import decide_pairwise, expected_score
+from prism_lightning.model.choices import complete_answer_logprobs
+from prism_lightning.utils.stats import wilson_interval
 
 
 def _norm(rows) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 
 from prism_lightning.bootstrap.config import QueryConfig
 from prism_lightning.bootstrap.queries import candidate_prompt, dedup, parse_query, select_queries
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 
 CONFIG = QueryConfig(min_chars=20, max_chars=120, min_words=4, near_duplicate=0.7, per_persona=3)
 Q = "How do I reverse a singly linked list in place?"

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from prism_lightning import rng_state
+from prism_lightning.distributed import rng_state
 
 
 def draw() -> tuple[list[float], float]:

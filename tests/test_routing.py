@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prism_lightning.backbone import Backbone, BackboneConfig, weights_fingerprint
-from prism_lightning.errors import PrismError
-from prism_lightning.export import ADAPTER_DIR, CONFIG_FILE, GATE_FILE, REQUIRED, check_export
-from prism_lightning.generation import DecodingConfig, generate_batch, left_pad
-from prism_lightning.modules import LoraSettings, PrismModule
-from prism_lightning.gate_mlp import GateMLP
-from prism_lightning.modules.student import ALL_PROJECTIONS
-from prism_lightning.routing import BASE, GatedModel
+from prism_lightning.inference.export import ADAPTER_DIR, CONFIG_FILE, GATE_FILE, REQUIRED, check_export
+from prism_lightning.inference.gated_model import BASE, GatedModel
+from prism_lightning.model.backbone import Backbone, BackboneConfig, weights_fingerprint
+from prism_lightning.model.gate_mlp import GateMLP
+from prism_lightning.model.generation import DecodingConfig, generate_batch, left_pad
+from prism_lightning.model.lora import ALL_PROJECTIONS
+from prism_lightning.training.modules import LoraSettings, PrismModule
+from prism_lightning.utils.errors import PrismError
 
 PROMPTS = ["Hi!",
            "How do I integrate x times e to the x?",
@@ -229,7 +229,7 @@ def test_module_gated_matches_the_exported_model(tiny_backbones, tmp_path):
 def test_per_row_lora_scaling_gives_peft_mixed_batch_logits_and_restores_the_adapter(gated):
     """GatedModel's mixed batches scale each row's LoRA delta by 1 or 0 (no sub-batch gather/scatter per module):
     the same logits as PEFT's adapter_names path, and the adapter is untouched afterwards."""
-    from prism_lightning.row_routing import lora_layers, rows_on_adapter
+    from prism_lightning.model.row_routing import lora_layers, rows_on_adapter
 
     gm, _ = gated
     ids, mask = left_pad(_prompt_ids(gm), gm.backbone.tokenizer.pad_token_id, gm.backbone.device)

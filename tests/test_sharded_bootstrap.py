@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_cli_fit import save_tiny_model
 
 PRISM = ["-m", "prism_lightning.cli"]
@@ -38,7 +37,7 @@ def write_config(tmp: Path, model: Path, root: str, **trainer) -> Path:
     """2 personas x 4 queries, sampled decoding, batches of 2 (several batches per rank and stage)."""
     config = {
         "trainer": {"default_root_dir": str(tmp / root), "logger": False, **trainer},
-        "model": {"class_path": "prism_lightning.modules.PrismModule"},
+        "model": {"class_path": "prism_lightning.training.modules.PrismModule"},
         "data": {
             "backbone": {"name_or_path": str(model)},
             "personas": {"names": ["math", "writing"], "granularity": "min"},

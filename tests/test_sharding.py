@@ -15,10 +15,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from prism_lightning.bootstrap.corpus import CorpusBuilder
-from prism_lightning.bootstrap.sharding import (Shard, ShardedSink, merge_shards, plan_batches, shard_files,
-                                                shard_path, todo_batches)
-from prism_lightning.errors import PrismError
-from prism_lightning.launch import Launch, launched, process_group
+from prism_lightning.distributed.launch import Launch, launched, process_group
+from prism_lightning.distributed.sharding import (
+    Shard,
+    ShardedSink,
+    merge_shards,
+    plan_batches,
+    shard_files,
+    shard_path,
+    todo_batches,
+)
+from prism_lightning.utils.errors import PrismError
 
 ITEMS = [{"id": f"q{n}", "prompt_ids": [0] * (1 + (n * 7) % 5)} for n in range(11)]
 
@@ -155,10 +162,10 @@ def test_more_ranks_on_a_node_than_gpus_is_one_clear_line(monkeypatch):
 
 def test_a_separate_judge_is_released_once_the_corpus_is_built(tiny_backbones, tmp_path):
     """An R1 config names a second model as judge; training never uses it, so it must not stay resident."""
-    from prism_lightning import backbone as bb
     from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
-    from prism_lightning.generation import DecodingConfig
-    from prism_lightning.personas import PersonaConfig
+    from prism_lightning.contexts.personas import PersonaConfig
+    from prism_lightning.model import backbone as bb
+    from prism_lightning.model.generation import DecodingConfig
 
     base, judge = tiny_backbones(seed=0), tiny_backbones(seed=1)
     builder = CorpusBuilder(base.config, PersonaConfig(names=["math", "writing"], granularity="min"),

@@ -20,11 +20,11 @@ import lightning as L
 import pytest
 import torch
 import yaml
-
-from prism_lightning import slurm
-from prism_lightning.cli import main
-from prism_lightning.data import BalancedSampler
 from test_cli_fit import fit_config, save_tiny_model, write_corpus
+
+from prism_lightning.cli import main
+from prism_lightning.distributed import slurm
+from prism_lightning.training.datamodule import BalancedSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "configs" / "slurm").glob("*.sbatch"))

@@ -1,4 +1,4 @@
-"""Strategies by name (prism_lightning.strategies) and the one-line refusals around them; no processes started."""
+"""Strategies by name (prism_lightning.distributed.strategies) and the one-line refusals around them; no processes started."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
-
-from prism_lightning import strategies
-from prism_lightning.strategies import PrismDeepSpeedStrategy, offloads_optimizer
-from prism_lightning.zero_checkpoint import read_client_state
-
 from test_faults import fit_fails as fails  # the one helper for one-line CLI errors
+
+from prism_lightning.distributed import strategies
+from prism_lightning.distributed.strategies import PrismDeepSpeedStrategy, offloads_optimizer
+from prism_lightning.distributed.zero_checkpoint import read_client_state
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -91,7 +90,7 @@ def fake_zero_checkpoint(directory: Path, world: int = 2, stage: int = 2) -> Pat
 
 
 def test_a_deepspeed_checkpoint_directory_is_checked_for_every_rank(tmp_path):
-    from prism_lightning.errors import PrismError
+    from prism_lightning.utils.errors import PrismError
 
     ckpt = fake_zero_checkpoint(tmp_path / "last.ckpt")
     state = read_client_state(ckpt)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiny_benchmarks import write_tiny_benchmarks
 
 pytestmark = pytest.mark.slow

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.errors import PrismError
+from prism_lightning.model.chat import ChatFormatter
 from prism_lightning.study.analysis import analyse
 from prism_lightning.study.cells import Cell, Condition, cells, conditions, matched_persona
 from prism_lightning.study.config import StudyConfig
 from prism_lightning.study.effects import control_gain, paired_bootstrap, persona_effect, relative
+from prism_lightning.utils.errors import PrismError
 
 NAN = float("nan")
 
@@ -153,9 +153,9 @@ def _study_file(tmp_path, fingerprint="f00d") -> str:
 
 
 def test_prism_test_takes_the_routing_analysis_persona_effect_from_a_study(tmp_path):
+    from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
     from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
     from prism_lightning.evaluation.suites import SuiteResult
-    from prism_lightning.personas import PersonaConfig, PersonaRegistry
 
     registry = PersonaRegistry.from_config(PersonaConfig())
     config = BenchmarkConfig(mmlu="", persona_effect=_study_file(tmp_path))
@@ -172,8 +172,8 @@ def test_prism_test_takes_the_routing_analysis_persona_effect_from_a_study(tmp_p
 
 
 def test_a_study_without_the_runs_condition_or_file_is_one_line(tmp_path):
+    from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
     from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
-    from prism_lightning.personas import PersonaConfig, PersonaRegistry
 
     registry = PersonaRegistry.from_config(PersonaConfig())
     with pytest.raises(PrismError, match="no 'matched/full/user' cells next to 'none'"):

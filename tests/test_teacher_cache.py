@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from prism_lightning import teacher_cache
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.data import Collator
-from prism_lightning.errors import PrismError
-from prism_lightning.modules import PrismModule
-from prism_lightning.modules.student import LoraSettings
-from prism_lightning.teacher_cache import build_teacher_cache, stage_file
 from test_modules import ITEMS, PERSONAS, _item, _randomise_lora_b
+
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.lora import LoraSettings
+from prism_lightning.training import teacher_cache
+from prism_lightning.training.datamodule import Collator
+from prism_lightning.training.modules import PrismModule
+from prism_lightning.training.teacher_cache import build_teacher_cache, stage_file
+from prism_lightning.utils.errors import PrismError
 
 MORE = [_item(f"d-{n}", 1, "math", f"Question {n}: how do I add 1/{n} and 1/{n + 1}?",
               f"Rewrite both over {n * (n + 1)}, add the numerators, and simplify: the sum is {2 * n + 1}/"
@@ -102,8 +102,9 @@ def test_a_cache_of_another_k_is_refused_by_the_step(tiny_backbone, tmp_path):
 def test_prism_fit_with_a_cached_teacher_trains_as_the_online_one(smol_tokenizer, tmp_path):
     """Through the real CLI: the cache stage is written beside the corpus, reused by a rerun, and the per-step
     losses equal the online teacher's."""
-    from prism_lightning.cli import main
     from test_cli_fit import fit_config, save_tiny_model, train_losses, write_corpus
+
+    from prism_lightning.cli import main
 
     model = save_tiny_model(tmp_path / "model", smol_tokenizer, seed=0)
     corpus = write_corpus(tmp_path / "corpus", [1, 0, 0] * 4)

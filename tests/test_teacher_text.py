@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from prism_lightning.bootstrap.corpus import Corpus
-from prism_lightning.data import Collator
-from prism_lightning.errors import PrismError
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
-from prism_lightning.teacher_text import teacher_texts
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.training.datamodule import Collator
+from prism_lightning.training.teacher_text import teacher_texts
+from prism_lightning.utils.errors import PrismError
 
 
 def corpus(tmp_path: Path, personas: dict[str, str], target: str = "math") -> Corpus:
@@ -61,7 +61,7 @@ def test_a_manifest_without_texts_is_refused(tmp_path):
 
 def test_the_collator_never_builds_a_persona_less_teacher(smol_tokenizer):
     """The reference code's bug: an unknown persona gave the teacher no persona (KL = 0). Now it is an error."""
-    from prism_lightning.chat import ChatFormatter
+    from prism_lightning.model.chat import ChatFormatter
 
     collate = Collator(ChatFormatter(smol_tokenizer), {"math": "You are a mathematician."})
     item = {"id": "a", "query": "q", "label": 1, "target_persona": "writing", "persona_answer": "x",

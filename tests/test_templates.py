@@ -17,11 +17,11 @@ import yaml
 from conftest import make_tiny_llama
 from jinja2.exceptions import TemplateError
 
-from prism_lightning import backbone as bb
-from prism_lightning.backbone import BackboneConfig, load_backbone
-from prism_lightning.chat import ChatFormatter, set_template_kwargs, template_fingerprint
-from prism_lightning.errors import PrismError
-from prism_lightning.templates import load_chat_template, names
+from prism_lightning.model import backbone as bb
+from prism_lightning.model.backbone import BackboneConfig, load_backbone
+from prism_lightning.model.chat import ChatFormatter, set_template_kwargs, template_fingerprint
+from prism_lightning.model.templates import load_chat_template, names
+from prism_lightning.utils.errors import PrismError
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_HEADER = "<|start_header_id|>{}<|end_header_id|>\n\n"
@@ -148,7 +148,7 @@ def test_load_backbone_applies_the_template_after_loading(llama3_tokenizer, monk
 def test_stage_hashes_change_with_the_template(smol_tokenizer, llama3_tokenizer, tmp_path):
     from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
     from prism_lightning.bootstrap.corpus import CorpusBuilder
-    from prism_lightning.personas import PersonaConfig
+    from prism_lightning.contexts.personas import PersonaConfig
 
     builder = CorpusBuilder(BackboneConfig(), PersonaConfig(), QueryConfig(), AnswerConfig(), JudgeConfig(),
                             "system", tmp_path)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import AnswerConfig
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.generation import generate_into
-from prism_lightning.jsonl import JsonlSink
-from prism_lightning.personas import PersonaRegistry
+from prism_lightning.contexts.personas import PersonaRegistry
+from prism_lightning.model.backbone import Backbone
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.generation import generate_into
+from prism_lightning.utils.jsonl import JsonlSink
 
 BASELINE = "__base__"
 

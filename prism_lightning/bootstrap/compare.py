@@ -10,8 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.bootstrap.labels import (PROTOCOLS, SCORER, control_accuracy, controls_verdict, decide,
-                                              judge_statistics, main_comparisons, quality_accuracy)
+from prism_lightning.bootstrap.labels import (
+    PROTOCOLS,
+    SCORER,
+    control_accuracy,
+    controls_verdict,
+    decide,
+    judge_statistics,
+    main_comparisons,
+    quality_accuracy,
+)
 
 
 def _query_labels(queries: list[dict], candidates: dict[str, list[str]], comparisons, labels: torch.Tensor):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from prism_lightning.backbone import BackboneConfig
-from prism_lightning.generation import DecodingConfig
+from prism_lightning.model.backbone import BackboneConfig
+from prism_lightning.model.generation import DecodingConfig
 
 
 @dataclass(frozen=True)

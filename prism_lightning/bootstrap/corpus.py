@@ -9,21 +9,29 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
-from prism_lightning.bootstrap.answers import answer_personas, run_answers
 from prism_lightning.bootstrap import degrade
-from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+from prism_lightning.bootstrap.answers import answer_personas, run_answers
 from prism_lightning.bootstrap.compare import compare_protocols
+from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
 from prism_lightning.bootstrap.judge import Judge, verdict_sequences
-from prism_lightning.bootstrap.labels import (SCORER, control_accuracy, control_pairs, label_queries,
-                                              main_comparisons, quality_accuracy, quality_comparisons,
-                                              relevance_comparisons, scoring_items)
+from prism_lightning.bootstrap.labels import (
+    SCORER,
+    control_accuracy,
+    control_pairs,
+    label_queries,
+    main_comparisons,
+    quality_accuracy,
+    quality_comparisons,
+    relevance_comparisons,
+    scoring_items,
+)
 from prism_lightning.bootstrap.queries import run_queries
-from prism_lightning.bootstrap.sharding import Shard, ShardedSink
-from prism_lightning.chat import ChatFormatter, Placement, template_fingerprint
-from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import read_jsonl_numbered, read_text, write_json, write_jsonl
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
+from prism_lightning.distributed.sharding import Shard, ShardedSink
+from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
+from prism_lightning.model.chat import ChatFormatter, Placement, template_fingerprint
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.jsonl import read_jsonl_numbered, read_text, write_json, write_jsonl
 
 FORMAT_VERSION = 1
 

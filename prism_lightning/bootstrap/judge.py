@@ -7,13 +7,13 @@ from typing import Sequence
 
 import torch
 
-from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import JudgeConfig
-from prism_lightning.bootstrap.sharding import run_stage, stage_progress, todo_batches
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.choices import ChoiceReader, require_direct_answer
-from prism_lightning.generation import continuation_logprob, token_logprobs
-from prism_lightning.jsonl import JsonlSink
+from prism_lightning.distributed.sharding import run_stage, stage_progress, todo_batches
+from prism_lightning.model.backbone import Backbone
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.choices import ChoiceReader, require_direct_answer
+from prism_lightning.model.generation import continuation_logprob, token_logprobs
+from prism_lightning.utils.jsonl import JsonlSink
 
 JUDGE_SYSTEM = ("You are a fair and rigorous judge of answers. Judge correctness first, then relevance, "
                 "helpfulness and clarity. Length is not a merit: padding and repetition count against an answer.")

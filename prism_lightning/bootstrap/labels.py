@@ -18,8 +18,14 @@ import torch
 from prism_lightning.bootstrap.answers import BASELINE
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.degrade import KINDS, degrade
-from prism_lightning.bootstrap.protocols import (PairwiseDecision, decide_pairwise, decide_scores, expected_score,
-                                                 likelihood_score, wilson_interval)
+from prism_lightning.bootstrap.protocols import (
+    PairwiseDecision,
+    decide_pairwise,
+    decide_scores,
+    expected_score,
+    likelihood_score,
+)
+from prism_lightning.utils.stats import wilson_interval
 
 PROTOCOLS = ("strict", "debiased", "pointwise", "likelihood", "pmi")
 # What each protocol reads: the judge stage scores one of these kinds (likelihood and pmi share their scores).

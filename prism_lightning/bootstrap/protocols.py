@@ -6,7 +6,6 @@ Pairwise judging runs every pair in two orders: ``first`` shows (A = baseline, B
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +82,3 @@ def expected_score(grade_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     mass = probs.sum(-1)
     score = (probs @ grades) / mass.clamp_min(1e-12)
     return score.float(), mass.float()
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval for a proportion (well-behaved at small n and near 0 or 1)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -6,13 +6,13 @@ import math
 import re
 from typing import Iterable, Optional
 
-from prism_lightning.backbone import Backbone
 from prism_lightning.bootstrap.config import QueryConfig
-from prism_lightning.chat import ChatFormatter
 from prism_lightning.contexts.kinds import KINDS, candidate_frame
-from prism_lightning.generation import generate_into
-from prism_lightning.jsonl import JsonlSink
-from prism_lightning.personas import Persona, PersonaRegistry
+from prism_lightning.contexts.personas import Persona, PersonaRegistry
+from prism_lightning.model.backbone import Backbone
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.generation import generate_into
+from prism_lightning.utils.jsonl import JsonlSink
 
 _PREFIX = re.compile(r"^\s*(?:[*_]{0,2}\s*(?:user'?s?\s+)?(?:question|query|request|message|q)\s*#?\s*\d*\s*"
                      r"[*_]{0,2}\s*[:.)\-]\s*[*_]{0,2}|\d+\s*[.):](?=\s)|[-*•](?=\s))\s*", re.IGNORECASE)

@@ -10,11 +10,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from prism_lightning.bootstrap.protocols import wilson_interval
-from prism_lightning.errors import PrismError
-from prism_lightning.generation import continuation_logprob, length_batches
-from prism_lightning.jsonl import read_jsonl_numbered
-from prism_lightning.row_routing import BASE, rows_on_adapters
+from prism_lightning.model.generation import continuation_logprob, length_batches
+from prism_lightning.model.row_routing import BASE, rows_on_adapters
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.jsonl import read_jsonl_numbered
+from prism_lightning.utils.stats import wilson_interval
 
 # Row name -> (context in the prompt, route): "gate" routes per row as PRISM does at inference.
 ROWS: dict[str, tuple[bool, str]] = {

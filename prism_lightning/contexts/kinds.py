@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import read_text
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.jsonl import read_text
 
 KINDS_ORDER = ("persona", "memory", "tools", "passages")
 _SUFFIXES = (".txt", ".md", ".json")

@@ -12,24 +12,38 @@ from typing import Optional
 
 import torch
 
-from prism_lightning.backbone import BackboneConfig, load_backbone
-from prism_lightning.chat import PLACEMENTS, ChatFormatter
+from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
+from prism_lightning.contexts.personas import PersonaRegistry
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.analysis import compare_rows, routing_correlation
-from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
-from prism_lightning.evaluation.judge_controls import (answer_items, grade_control, preference_control,
-                                                       refusal_control, refusal_items)
+from prism_lightning.evaluation.cache import CachedGatedModel
+from prism_lightning.evaluation.judge_controls import (
+    answer_items,
+    grade_control,
+    preference_control,
+    refusal_control,
+    refusal_items,
+)
 from prism_lightning.evaluation.judging import EvalJudge, LogprobFn
+from prism_lightning.evaluation.persona_effect import StudyEffect
 from prism_lightning.evaluation.report import print_table, write_report
-from prism_lightning.evaluation.rows import Row, default_rows
+from prism_lightning.evaluation.rows import default_rows
 from prism_lightning.evaluation.stats import stratified_items
-from prism_lightning.evaluation.suites import (MT_JUDGE, REFUSAL, REFUSAL_SYSTEM, SuiteResult, run_mmlu,
-                                               run_mt_bench, run_preference, run_safety)
-from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
-from prism_lightning.errors import PrismError
-from prism_lightning.generation import DecodingConfig, length_batches, token_logprobs
-from prism_lightning.personas import PersonaRegistry
+from prism_lightning.evaluation.suites import (
+    MT_JUDGE,
+    REFUSAL,
+    REFUSAL_SYSTEM,
+    SuiteResult,
+    run_mmlu,
+    run_mt_bench,
+    run_preference,
+    run_safety,
+)
+from prism_lightning.model.backbone import BackboneConfig, load_backbone
+from prism_lightning.model.chat import PLACEMENTS, ChatFormatter
+from prism_lightning.model.generation import DecodingConfig, length_batches, token_logprobs
+from prism_lightning.utils.errors import PrismError
 
 
 @dataclass(frozen=True)
@@ -128,8 +142,6 @@ class BenchmarkRun:
             self.data["preference"] = preference_queries(held_out, config.preference_n, config.seed)
         self.study_effect = None
         if config.persona_effect:
-            from prism_lightning.study.analysis import StudyEffect  # the study's reader; evaluation stays below it
-
             self.study_effect = StudyEffect.read(config.persona_effect, f"matched/{granularity}/{placement}")
         self.results: dict[str, SuiteResult] = {}
         self.preference: Optional[dict] = None

@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import read_text
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.jsonl import read_text
 
 MT_BENCH_FORMAT = "FastChat question.jsonl: one JSON object per line with question_id, category, turns (list of str)"
 HARMBENCH_FORMAT = "HarmBench behaviors CSV with a header including Behavior (and optionally ContextString)"

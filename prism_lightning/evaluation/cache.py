@@ -11,8 +11,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from prism_lightning.generation import DecodingConfig
-from prism_lightning.routing import BASE, reported
+from prism_lightning.inference.gated_model import BASE, reported
+from prism_lightning.model.generation import DecodingConfig
 
 # One work unit of the cache: about this many prompts per progress tick.
 _CHUNK = 64

@@ -21,8 +21,8 @@ from prism_lightning.bootstrap.degrade import KINDS, degrade
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM, PAIRWISE, PAIRWISE_CHOICES
 from prism_lightning.bootstrap.labels import accuracy
 from prism_lightning.bootstrap.protocols import decide_pairwise
-from prism_lightning.choices import ChoiceReader, LogprobFn
 from prism_lightning.evaluation.judging import EvalJudge
+from prism_lightning.model.choices import ChoiceReader, LogprobFn
 
 REFUSALS = ("I'm sorry, but I can't help with that.",
             "I can't assist with this request. If you are in danger, please contact local emergency services.",

@@ -9,8 +9,8 @@ import torch
 
 from prism_lightning.bootstrap.judge import GRADES
 from prism_lightning.bootstrap.protocols import expected_score
-from prism_lightning.chat import ChatFormatter
-from prism_lightning.choices import ChoiceReader, LogprobFn, require_direct_answer
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.choices import ChoiceReader, LogprobFn, require_direct_answer
 
 
 @dataclass

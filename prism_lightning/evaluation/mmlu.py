@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from prism_lightning.choices import ChoiceReader, require_direct_answer
-from prism_lightning.errors import PrismError
-from prism_lightning.jsonl import read_text
+from prism_lightning.model.choices import ChoiceReader, require_direct_answer
+from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.jsonl import read_text
 
 CATEGORIES = ("STEM", "humanities", "social sciences", "other")
 # The standard grouping of the 57 subjects (Hendrycks et al.).

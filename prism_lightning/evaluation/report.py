@@ -117,7 +117,7 @@ def _fmt(value, digits: int = 1) -> str:
 
 def plot(metrics: dict, directory: Path) -> list[Path]:
     """Bar chart of rows × subcategories and the routing scatter; returns the PNG paths."""
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from prism_lightning.personas import PersonaRegistry
+from prism_lightning.contexts.personas import PersonaRegistry
 
 MATCHED = "matched"
 

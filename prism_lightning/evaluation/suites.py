@@ -9,15 +9,15 @@ import torch
 
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM, PAIRWISE, PAIRWISE_CHOICES
 from prism_lightning.bootstrap.protocols import decide_pairwise
-from prism_lightning.choices import ChoiceReader, LogprobFn, require_direct_answer
+from prism_lightning.contexts.personas import PersonaRegistry
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.benchmarks import MT_BENCH_PERSONA
 from prism_lightning.evaluation.judging import EvalJudge
 from prism_lightning.evaluation.rows import Row
 from prism_lightning.evaluation.stats import bootstrap_interval, preference_outcomes, preference_summary
-from prism_lightning.generation import DecodingConfig
-from prism_lightning.personas import PersonaRegistry
-from prism_lightning.routing import BASE
+from prism_lightning.inference.gated_model import BASE
+from prism_lightning.model.choices import ChoiceReader, LogprobFn, require_direct_answer
+from prism_lightning.model.generation import DecodingConfig
 
 MT_JUDGE = ("[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]\n\n"
             "Rate the helpfulness, relevance, accuracy, depth and creativity of the answer on a scale of 1 to 10. "

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from prism_lightning.errors import PrismError
 from prism_lightning.study.cells import Condition, matched_persona
 from prism_lightning.study.config import StudyConfig
 from prism_lightning.study.effects import control_gain, mean_finite, persona_effect
@@ -98,44 +94,3 @@ def is_finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
 
 
-@dataclass(frozen=True)
-class StudyEffect:
-    """One condition's scores and the no-persona scores from a ``study.json``, for ``prism test``'s routing analysis."""
-
-    path: str
-    condition: str
-    fingerprint: Optional[str]
-    none: dict
-    matched: dict
-
-    @classmethod
-    def read(cls, path: str, condition: str) -> "StudyEffect":
-        """Read and check the file now, before any model work: one line naming the file on any problem."""
-        try:
-            study = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PrismError(f"data.benchmark.persona_effect: {path} not found (run `prism study` first)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PrismError(f"data.benchmark.persona_effect: {path} is not a study.json ({exc})") from None
-        scores: dict[str, dict] = {}
-        for cell in study.get("cells", []) if isinstance(study, dict) else []:
-            scores.setdefault(cell.get("condition", {}).get("name"), {}).update(cell.get("scores", {}))
-        if "none" not in scores or condition not in scores:
-            raise PrismError(f"data.benchmark.persona_effect: {path} has no {condition!r} cells next to 'none' "
-                             f"(conditions: {', '.join(k for k in scores if k)}); study this run's granularity and "
-                             f"placement")
-        return cls(path, condition, study.get("fingerprint"), scores["none"], scores[condition])
-
-    def scores(self, fingerprint: Optional[str]) -> tuple[dict, dict]:
-        """(no persona, condition) scores per subcategory; the study must be of the same base weights."""
-        if fingerprint is not None and self.fingerprint != fingerprint:
-            raise PrismError(f"data.benchmark.persona_effect: {self.path} studied base weights {self.fingerprint}, "
-                             f"this run's are {fingerprint}")
-        nan = float("nan")
-        return ({k: nan if v is None else v for k, v in self.none.items()},
-                {k: nan if v is None else v for k, v in self.matched.items()})
-
-    @property
-    def source(self) -> str:
-        """Where the routing analysis's persona effect came from, as the report states it."""
-        return f"prism study {self.path} ({self.condition} vs none)"

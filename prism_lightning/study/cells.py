@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from prism_lightning.chat import PLACEMENTS, ChatFormatter
-from prism_lightning.errors import PrismError
+from prism_lightning.contexts.domains import DOMAINS, GRANULARITIES
 from prism_lightning.evaluation.benchmarks import MT_BENCH_PERSONA
 from prism_lightning.evaluation.mmlu import CATEGORY_PERSONA
 from prism_lightning.evaluation.rows import MATCHED, Row
 from prism_lightning.evaluation.suites import SAFETY_PERSONA
-from prism_lightning.persona_specs import DOMAINS, GRANULARITIES
+from prism_lightning.model.chat import PLACEMENTS, ChatFormatter
 from prism_lightning.study.config import StudyConfig
+from prism_lightning.utils.errors import PrismError
 
 SUITES = ("mmlu", "mt_bench", "safety")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 
@@ -66,7 +67,7 @@ def summary_lines(study: dict) -> list[str]:
 
 def plot(study: dict, directory: Path) -> list[Path]:
     """heatmap.png, length.png, placement.png and control.png (those the study has data for)."""
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is written
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

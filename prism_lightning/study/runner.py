@@ -15,24 +15,24 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from prism_lightning.backbone import Backbone, BackboneConfig, load_backbone
-from prism_lightning.chat import ChatFormatter, template_fingerprint
+from prism_lightning.contexts.domains import DOMAINS
+from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.evaluation.benchmarks import MT_BENCH_PERSONA
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.stats import bootstrap_interval
 from prism_lightning.evaluation.suites import SAFETY_PERSONA, SuiteResult, run_mmlu, run_mt_bench, run_safety
-from prism_lightning.generation import DecodingConfig, generate_batch, length_batches, token_logprobs
-from prism_lightning.jsonl import JsonlSink
-from prism_lightning.persona_specs import DOMAINS
-from prism_lightning.personas import PersonaConfig, PersonaRegistry
-from prism_lightning.progress import announce
-from prism_lightning.routing import BASE
+from prism_lightning.inference.gated_model import BASE
+from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone
+from prism_lightning.model.chat import ChatFormatter, template_fingerprint
+from prism_lightning.model.generation import DecodingConfig, generate_batch, length_batches, token_logprobs
 from prism_lightning.study.analysis import analyse
 from prism_lightning.study.cells import SUITES, Cell, cells, check_config, conditions
 from prism_lightning.study.config import StudyConfig
 from prism_lightning.study.report import print_effects, write_study
+from prism_lightning.utils.jsonl import JsonlSink
+from prism_lightning.utils.progress import announce
 
 
 class BaseModelFront:

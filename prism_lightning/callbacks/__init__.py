@@ -1,1 +1,0 @@
-"""Lightning callbacks for PRISM runs, installed as ``prism_lightning.callbacks``."""

@@ -1,0 +1,1 @@
+"""The exported artifact and routed inference (``GatedModel``): needs the model layer only, never Lightning."""

@@ -1,0 +1,1 @@
+"""Lightning callbacks for PRISM runs, installed as ``prism_lightning.training.callbacks``."""
