@@ -7,12 +7,12 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
@@ -49,8 +49,10 @@ from prism_lightning.training.summary import (
     print_corpus_lines,
     print_corpus_summary,
 )
+from prism_lightning.utils.config_errors import check_config_files, one_line
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.notices import quiet_third_party_notices
+from prism_lightning.utils.paths import absolute_paths
 from prism_lightning.utils.progress import announce
 
 
@@ -164,6 +166,17 @@ def checkpoint_state(path: Path) -> dict:
     return read_client_state(path) if is_deepspeed_checkpoint(path) else load_checkpoint(path)
 
 
+class PrismArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose errors are one ``error:`` line naming the key (no usage dump; ``--help`` has it)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        """Exit 2 with one line; raise as jsonargparse does when it is asked not to exit."""
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        report(one_line(message))
+        sys.exit(2)
+
+
 class PrismCLI(LightningCLI):
     """`prism fit | validate | test | predict | bootstrap | export`, all from one YAML."""
 
@@ -188,6 +201,11 @@ class PrismCLI(LightningCLI):
         return parser
 
     current: Optional["PrismCLI"] = None  # the running CLI, so main() can clean up after a failed command
+
+    def before_instantiate_classes(self) -> None:
+        """Input files become absolute paths (each relative to the config file that named it, or to the working
+        directory on the command line) before any class reads them or the config is saved."""
+        self.input_files = absolute_paths(self.config)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         """The Trainer, with every checkpoint callback that names no ``dirpath`` writing to ``<root>/checkpoints``.
@@ -299,8 +317,10 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``prism`` console script."""
     quiet_third_party_notices()
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
-                 save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+                 save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,
+                 parser_class=PrismArgumentParser)
     except KeyboardInterrupt:
         report("interrupted; finished work is kept (stage files, last.ckpt) — rerun the same command to resume")
         sys.exit(130)
@@ -314,11 +334,28 @@ def main(args: Optional[list[str]] = None) -> None:
             report("stopped by SIGTERM; the newest checkpoint is <root>/checkpoints/last.ckpt — resume with "
                    "--ckpt_path last")
         sys.exit(128 + signal.SIGTERM)
-    except (PrismError, FileNotFoundError) as exc:
+    except Exception as exc:
+        # jsonargparse wraps what a class's __init__ raises (a callback's missing file, a bad value) in its own
+        # error: the PrismError inside is the message.
+        cause = exc if isinstance(exc, (PrismError, FileNotFoundError)) else prism_cause(exc)
+        if cause is None:
+            raise
         stop_other_ranks(getattr(PrismCLI.current, "trainer", None))  # ranks this one launched would wait forever
         discard_empty_log_dir(PrismCLI.current)
-        report(str(exc), same_on_all_ranks=not in_process_group())
+        report(str(cause), same_on_all_ranks=not in_process_group())
         sys.exit(2)
+
+
+def prism_cause(exc: BaseException) -> Optional[PrismError]:
+    """The PrismError an exception was raised from or while handling, if any."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, PrismError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def report(message: str, same_on_all_ranks: bool = True) -> None:

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 from prism_lightning.contexts.domains import GRANULARITIES, DomainSpec, build_persona_text, domain_table
 from prism_lightning.contexts.kinds import KINDS, context_files, kind_spec, read_context, render_block
 from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.paths import InputFile, InputPath
 
 # Question kinds for contexts that come from files, where no domain spec says what users ask.
 GENERIC_QUESTION_STYLES = (
@@ -66,7 +67,7 @@ class ContextSource:
     """
 
     kind: str
-    path: str
+    path: InputPath
     name: Optional[str] = None
 
 
@@ -85,9 +86,9 @@ class PersonaConfig:
 
     names: list[str] = field(default_factory=lambda: ["all"])
     granularity: str = "full"
-    files: dict[str, str] = field(default_factory=dict)
+    files: dict[str, InputFile] = field(default_factory=dict)
     contexts: list[ContextSource] = field(default_factory=list)
-    domains: Optional[str] = None
+    domains: Optional[InputFile] = None
 
 
 class PersonaRegistry:

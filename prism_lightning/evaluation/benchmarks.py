@@ -6,9 +6,22 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Union
+
+from jsonargparse.typing import restricted_string_type
 
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.jsonl import read_text
+from prism_lightning.utils.paths import InputFile
+
+# The benchmark files shipped in the package (evaluation/data/README.md: origin, rows, licence), named in a config
+# as ``builtin:<stem>``.
+BUILTIN_DIR = Path(__file__).parent / "data"
+BUILTIN_PREFIX = "builtin:"
+BuiltinName = restricted_string_type("BuiltinName", r"^builtin:[A-Za-z0-9_]+$",
+                                     docstring="a benchmark file shipped in the package, e.g. builtin:mt_bench")
+# A benchmark file in a config: a shipped one, or a path of your own (relative to the config file naming it).
+BenchmarkFile = Union[InputFile, BuiltinName]
 
 MT_BENCH_FORMAT = "FastChat question.jsonl: one JSON object per line with question_id, category, turns (list of str)"
 HARMBENCH_FORMAT = "HarmBench behaviors CSV with a header including Behavior (and optionally ContextString)"
@@ -18,8 +31,26 @@ MT_BENCH_PERSONA = {c: c for c in ("writing", "roleplay", "reasoning", "math", "
                                    "humanities")}
 
 
+def builtin_names() -> list[str]:
+    """The ``builtin:`` names of the shipped benchmark files."""
+    return sorted(p.stem for p in BUILTIN_DIR.iterdir() if p.is_file() and p.suffix in (".jsonl", ".csv", ".json"))
+
+
+def resolve(path: str | Path) -> Path:
+    """The file a benchmark setting names: ``builtin:<name>`` maps to the shipped copy, anything else is a path."""
+    text = str(path)
+    if not text.startswith(BUILTIN_PREFIX):
+        return Path(path)
+    name = text[len(BUILTIN_PREFIX):]
+    matches = [p for p in BUILTIN_DIR.iterdir() if p.stem == name and p.suffix in (".jsonl", ".csv", ".json")]
+    if not matches:
+        raise PrismError(f"{text}: no such shipped benchmark; shipped: "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in builtin_names())}")
+    return matches[0]
+
+
 def _exists(path: Path, what: str) -> Path:
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
         raise PrismError(f"benchmark file not found: {path} (expected {what})")
     return path
@@ -27,7 +58,7 @@ def _exists(path: Path, what: str) -> Path:
 
 def load_mt_bench(path: str | Path) -> list[dict]:
     """MT-Bench questions; a row without the expected fields is an error naming file and (physical) line."""
-    path = _exists(Path(path), MT_BENCH_FORMAT)
+    path = _exists(path, MT_BENCH_FORMAT)
     rows = []
     for number, line in enumerate(read_text(path, "MT-Bench file").splitlines(), start=1):
         if not line.strip():
@@ -53,7 +84,7 @@ def _non_empty(rows: list[dict], path: Path, what: str) -> list[dict]:
 
 def load_harmbench(path: str | Path) -> list[dict]:
     """HarmBench behaviors as prompts; contextual behaviors get their context string in front."""
-    path = _exists(Path(path), HARMBENCH_FORMAT)
+    path = _exists(path, HARMBENCH_FORMAT)
     with io.StringIO(read_text(path, "HarmBench file"), newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or "Behavior" not in reader.fieldnames:
@@ -72,7 +103,7 @@ def load_harmbench(path: str | Path) -> list[dict]:
 
 def load_prompt_list(path: str | Path) -> list[dict]:
     """A JSON list of prompts (jailbreak-style or PKU-style)."""
-    path = _exists(Path(path), PROMPT_LIST_FORMAT)
+    path = _exists(path, PROMPT_LIST_FORMAT)
     try:
         data = json.loads(read_text(path, "prompt list"))
     except json.JSONDecodeError as exc:

@@ -28,6 +28,7 @@ from prism_lightning.training.teacher_text import TeacherText, teacher_placement
 from prism_lightning.utils.checks import check_data
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.jsonl import read_jsonl_numbered
+from prism_lightning.utils.paths import InputFile
 from prism_lightning.utils.progress import announce
 
 
@@ -159,7 +160,7 @@ class BootstrapDataModule(L.LightningDataModule):
                  judge: JudgeConfig = JudgeConfig(), placement: Placement = "system",
                  corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
-                 predict_file: Optional[str] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
+                 predict_file: Optional[InputFile] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
                  teacher_text: TeacherText = "corpus", teacher: TeacherMode = "online",
                  teacher_top_k: int = 64, adapters: Optional[dict[str, list[str]]] = None) -> None:
         super().__init__()

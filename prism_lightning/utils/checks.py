@@ -53,3 +53,30 @@ def check_data(data: Any, benchmark: Optional[Any] = None) -> None:
         at_least("data.benchmark.batch_size", benchmark.batch_size, 1)
         at_least("data.benchmark.preference_n", benchmark.preference_n, 0)
         check_decoding("data.benchmark.decoding", benchmark.decoding)
+
+
+def check_distillation(hp: Any, lora: Any) -> None:
+    """The student's numbers: learning rate, LoRA shape, temperature, top-k, loss weights (``model.init_args.*``)."""
+    key = "model.init_args"
+    between(f"{key}.lr", hp.get("lr"), 0, 1, low_open=True)
+    between(f"{key}.weight_decay", hp.get("weight_decay"), 0, 1)
+    between(f"{key}.warmup_ratio", hp.get("warmup_ratio"), 0, 1, high_open=True)
+    at_least(f"{key}.lora.rank", lora.rank, 1)
+    between(f"{key}.lora.alpha", lora.alpha, 0, float("inf"), low_open=True, high_open=True)
+    between(f"{key}.lora.dropout", lora.dropout, 0, 1, high_open=True)
+    # T divides the logits: 0 is a division by zero that would surface as a "non-finite loss" mid-training.
+    between(f"{key}.temperature", hp.get("temperature"), 0, float("inf"), low_open=True, high_open=True)
+    at_least(f"{key}.top_k", hp.get("top_k"), 0)
+    at_least(f"{key}.retain_weight", hp.get("retain_weight"), 0)
+    at_least(f"{key}.head_chunk", hp.get("head_chunk"), 1)
+    between(f"{key}.divergence_limit", hp.get("divergence_limit"), 0, float("inf"), low_open=True)
+
+
+def check_gate(hp: Any) -> None:
+    """The gate's numbers (``model.init_args.*``)."""
+    key = "model.init_args"
+    between(f"{key}.gate_lr", hp.get("gate_lr"), 0, 1, low_open=True)
+    at_least(f"{key}.gate_weight", hp.get("gate_weight"), 0)
+    between(f"{key}.threshold", hp.get("threshold"), 0, 1, low_open=True, high_open=True)
+    if not hp.get("gate_dims") or any(d < 1 for d in hp.get("gate_dims")):
+        raise PrismError(f"{key}.gate_dims: hidden widths must be >= 1, got {hp.get('gate_dims')!r}")

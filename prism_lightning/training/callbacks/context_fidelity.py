@@ -15,6 +15,7 @@ from prism_lightning.contexts.fidelity import Probe, load_probes, measure_fideli
 from prism_lightning.contexts.personas import PersonaRegistry
 from prism_lightning.distributed.collectives import zero3_partitioned
 from prism_lightning.utils.errors import PrismError
+from prism_lightning.utils.paths import InputFile
 
 REPORT_DIR = "context_fidelity"
 
@@ -32,7 +33,7 @@ class ContextFidelity(Callback):
         batch_size: sequences per forward.
     """
 
-    def __init__(self, probes: str, context: Optional[str] = None, batch_size: int = 16) -> None:
+    def __init__(self, probes: InputFile, context: Optional[str] = None, batch_size: int = 16) -> None:
         self.probes_path, self.context, self.batch_size = Path(probes), context, batch_size
         self.probes: list[Probe] = load_probes(self.probes_path)  # a bad file fails before any training
         self.result: Optional[dict] = None

@@ -19,6 +19,7 @@ from prism_lightning.training.modules.gate import IntentGate, deployed_gate_metr
 from prism_lightning.training.modules.student import DistillationStudent, as_dataclass
 from prism_lightning.training.optim import adamw, with_schedule
 from prism_lightning.training.summary import kl_change
+from prism_lightning.utils.checks import check_gate
 from prism_lightning.utils.progress import announce
 
 
@@ -60,6 +61,7 @@ class PrismModule(DistillationStudent):
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
                          divergence_limit, gradient_checkpointing, head_chunk, prefix_reuse, adapters)
         self.save_hyperparameters()
+        check_gate(self.hparams)
         self.placement = placement
         self.predict_decoding = as_dataclass(DecodingConfig, predict_decoding)
         self.gate: Optional[IntentGate] = None

@@ -22,6 +22,7 @@ from prism_lightning.training.divergence import check_gradient_norm, check_gradi
 from prism_lightning.training.modules.distill_loss import DistillLoss, loss_tokens
 from prism_lightning.training.modules.teacher_pass import TeacherPass
 from prism_lightning.training.optim import adamw, with_schedule
+from prism_lightning.utils.checks import check_distillation
 from prism_lightning.utils.errors import PrismError
 
 
@@ -72,6 +73,7 @@ class DistillationStudent(TeacherPass, DistillLoss, L.LightningModule):
         self.save_hyperparameters()
         self.backbone_config = as_dataclass(BackboneConfig, backbone)
         self.lora = as_dataclass(LoraSettings, lora)
+        check_distillation(self.hparams, self.lora)
         self.adapter_names: list[str] = list(adapters) or [DEFAULT_ADAPTER]
         self.model: Optional[Any] = None
         self.prefix_states = PrefixStates()  # the frozen teacher's persona-block keys/values
