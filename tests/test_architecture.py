@@ -3,6 +3,7 @@ forwarded with a warning, small files."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -132,3 +133,16 @@ def test_readme_adding_a_persona_parses_through_the_cli(tmp_path):
     registry = PersonaRegistry.from_config(PersonaConfig(names=personas["names"],
                                                          domains=str(tmp_path / personas["domains"])))
     assert registry["law"].text.startswith("You are a careful lawyer, and for you precision matters")
+
+
+@pytest.mark.slow
+def test_a_first_load_of_the_embedded_model_does_not_import_deepspeed(tmp_path):
+    """DeepSpeed loads only with a DeepSpeed strategy: the GGUF conversion writes safetensors itself because
+    transformers' save_pretrained imports DeepSpeed whenever it is installed."""
+    code = ("import sys; from prism_lightning.model.backbone import BackboneConfig, load_backbone; "
+            "b = load_backbone(BackboneConfig()); print(b.fingerprint, 'deepspeed' in sys.modules)")
+    for attempt in ("converts", "reads the cache"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PRISM_CACHE_DIR": str(tmp_path)})
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.split()[-2:] == ["dfd92e7e2ca53a67", "False"], (attempt, out.stdout)

@@ -206,6 +206,25 @@ def test_predict_file_problems_are_one_line_and_never_leave_old_output(trained, 
     assert [json.loads(x)["id"] for x in output.read_text().splitlines()] == ["x"]  # this run's rows only
 
 
+def test_a_prompt_over_the_context_is_refused_naming_it_and_the_limit(trained, tmp_path, capsys):
+    config, run = trained
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "ok", "prompt": "hi"}) + "\n"
+                    + json.dumps({"id": "huge", "prompt": "word " * 2100}) + "\n")
+    last = fit_fails(["predict", "--config", str(config), "--ckpt_path", "last", "--data.predict_file", str(long)],
+                     capsys)
+    assert "data.predict_file: prompt 'huge':" in last and "exceed the model's context of 2048 tokens" in last
+
+
+def test_resuming_with_another_lora_rank_names_both_ranks(trained, capsys):
+    config, _ = trained
+    for command in ("fit", "validate"):
+        last = fit_fails([command, "--config", str(config), "--ckpt_path", "last", "--model.init_args.lora.rank",
+                          "8", "--trainer.max_epochs", "2"], capsys)
+        assert "the checkpoint was trained with LoRA rank 4; this config has rank 8" in last
+        assert "model.init_args.lora.rank 4" in last
+
+
 def test_a_corrupt_checkpoint_is_one_line_without_unsafe_advice(trained, capsys):
     config, run = trained
     (run / "checkpoints" / "last.ckpt").write_bytes(os.urandom(4096))
@@ -248,6 +267,11 @@ def test_a_diverged_checkpoint_fails_validate(trained, capsys):
     ("--data.val_fraction", "1.5", "data.val_fraction: must lie in (0, 1), got 1.5"),
     ("--data.judge.batch_size", "0", "data.judge.batch_size: must be at least 1"),
     ("--data.queries.decoding.batch_size", "0", "data.queries.decoding.batch_size: must be at least 1"),
+    ("--model.init_args.lr", "-1", "model.init_args.lr: must lie in (0, 1], got -1.0"),
+    ("--model.init_args.lora.rank", "0", "model.init_args.lora.rank: must be at least 1, got 0"),
+    # T = 0 would divide the logits by zero and surface mid-training as a "non-finite loss".
+    ("--model.init_args.temperature", "0", "model.init_args.temperature: must lie in (0, inf), got 0.0"),
+    ("--model.init_args.gate_lr", "0", "model.init_args.gate_lr: must lie in (0, 1], got 0.0"),
 ])
 def test_bad_numbers_name_their_key(tiny_model, tmp_path, capsys, key, value, expected):
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)
@@ -422,3 +446,44 @@ def test_a_checkpoint_inside_an_epoch_resumes_at_the_next_batch_of_the_same_draw
     assert expected.keys() == resumed.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- config files and keys, via the real CLI
+def _cli_error(args: list[str], cwd: Path) -> list[str]:
+    out = subprocess.run([*PRISM, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                         env={**os.environ, "TERM": "dumb"})
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    assert not any(line.startswith(("usage:", "Traceback", "tip:")) for line in out.stderr.splitlines()), out.stderr
+    return lines
+
+
+def test_config_mistakes_are_one_line_with_no_usage_dump(tiny_model, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)
+    config = fit_config(tmp_path, tiny_model, corpus)
+    (tmp_path / "syntax.yaml").write_text("data:\n  batch_size: [1\n")
+    (tmp_path / "unknown.yaml").write_text("data:\n  nosuchkey: 1\n")
+    (tmp_path / "badcb.yaml").write_text("trainer:\n  callbacks:\n    - class_path: "
+                                         "prism_lightning.training.callbacks.NoSuch\n")
+    (tmp_path / "fidelity.yaml").write_text("trainer:\n  callbacks:\n    - class_path: "
+                                            "prism_lightning.training.callbacks.context_fidelity.ContextFidelity\n"
+                                            "      init_args: {probes: missing.jsonl}\n")
+    (tmp_path / "probes.jsonl").write_text("not json\n")
+    (tmp_path / "badprobes.yaml").write_text("trainer:\n  callbacks:\n    - class_path: "
+                                             "prism_lightning.training.callbacks.context_fidelity.ContextFidelity\n"
+                                             "      init_args: {probes: probes.jsonl}\n")
+    cases = [
+        (["fit", "--config", "nope.yaml"], "error: --config nope.yaml: file not found"),
+        (["fit", "--config", str(config), "--config", "syntax.yaml"], "error: syntax.yaml:3:1: invalid YAML"),
+        (["fit", "--config", str(config), "--config", "unknown.yaml"], "error: data.nosuchkey: unknown key"),
+        (["fit", "--config", str(config), "--config", "badcb.yaml"],
+         "error: trainer.callbacks: cannot use class_path prism_lightning.training.callbacks.NoSuch"),
+        (["fit", "--config", str(config), "--config", "fidelity.yaml"],
+         f"file not found: {tmp_path / 'missing.jsonl'}"),
+        (["fit", "--config", str(config), "--config", "badprobes.yaml"], f"{tmp_path / 'probes.jsonl'}:1:"),
+    ]
+    for args, expected in cases:
+        lines = _cli_error(args, tmp_path)
+        assert len(lines) == 1 and expected in lines[0], (args, lines)
+    help_out = subprocess.run([*PRISM, "fit", "--help"], capture_output=True, text=True, timeout=600)
+    assert help_out.returncode == 0 and "usage:" in help_out.stdout

@@ -134,6 +134,7 @@ class GatedModel:
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], decoding: DecodingConfig = DecodingConfig(),
                      route: str = "gate") -> list[dict]:
         """Routed generation for tokenized prompts, in input order; batches of similar length, each a mixed batch."""
+        self.backbone.check_fits(prompt_ids, decoding.max_new_tokens)
         out: list[Optional[dict]] = [None] * len(prompt_ids)
         for index in length_batches(prompt_ids, decoding.batch_size):
             chunk = [list(prompt_ids[i]) for i in index]

@@ -12,9 +12,10 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from safetensors.torch import save_model
 
 from prism_lightning.model.chat import set_template_kwargs
 from prism_lightning.model.templates import load_chat_template
@@ -88,6 +89,23 @@ class Backbone:
         """What a manifest or export records to find and check this model again."""
         return {"name_or_path": self.config.name_or_path, "revision": self.config.revision,
                 "fingerprint": self.fingerprint}
+
+    @property
+    def context_length(self) -> Optional[int]:
+        """Tokens the model's positions cover (prompt + generation), when its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def check_fits(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                   names: Optional[Sequence[str]] = None) -> None:
+        """Refuse a prompt whose tokens plus ``max_new_tokens`` exceed the context, naming it and the limit."""
+        limit = self.context_length
+        if limit is None:
+            return
+        for index, ids in enumerate(prompt_ids):
+            if len(ids) + max_new_tokens > limit:
+                name = names[index] if names is not None else f"prompt {index}"
+                raise PrismError(f"{name}: {len(ids)} prompt tokens + max_new_tokens {max_new_tokens} exceed the "
+                                 f"model's context of {limit} tokens; shorten the prompt or lower max_new_tokens")
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +190,13 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Written with safetensors itself, not save_pretrained: transformers' save imports DeepSpeed whenever it is
+    # installed, and a single-process CPU run has no use for it. save_model stores tied weights once.
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
         if cached.exists():  # an incomplete earlier conversion

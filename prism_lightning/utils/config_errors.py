@@ -24,10 +24,11 @@ def one_line(message: str) -> str:
     if missing:
         return (f"{key or 'config'}: file not found: {missing.group(1)} (a path in a config file is relative to "
                 f"that file)")
-    unexpected = re.search(r'Key "([^"]+)" is not expected', text) or re.search(
-        r"Group '([^']+)' does not accept option '([^']+)'", text)
-    if unexpected:
-        name = ".".join(g for g in unexpected.groups() if g)
+    unexpected = re.search(r'Key "([^"]+)" is not expected', text)
+    group = re.search(r"(Group|Subcommand) '([^']+)' does not accept option '([^']+)'", text)
+    if unexpected or group:
+        name = unexpected.group(1) if unexpected else (
+            group.group(3) if group.group(1) == "Subcommand" else f"{group.group(2)}.{group.group(3)}")
         return f"{name}: unknown key (`--print_config` lists the accepted ones)"
     problem = re.search(r"Problem with given class_path '([^']+)':\s*\n?\s*(.+)", text)
     if problem:

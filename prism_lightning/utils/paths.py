@@ -1,8 +1,9 @@
 """Input files named in a config: a relative path written in a config file is relative to that file's folder; on
 the command line it is relative to the working directory.
 
-jsonargparse's path types remember the folder each value was read in; ``absolute_paths`` turns them into absolute
-strings before anything is instantiated, so the code, the saved config and every message see one absolute path.
+jsonargparse's path types remember the folder each value was read in; ``absolute_paths`` makes each one absolute
+before anything is instantiated, so the code (``str()``/``Path()`` of it), the saved config and every message see
+one absolute path.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ InputPath = path_type("r", docstring="an existing file or directory")
 
 
 def absolute_paths(value: Any, found: list[str] | None = None) -> list[str]:
-    """Replace, in place, every parsed path in a jsonargparse Namespace (or dict/list) by its absolute string;
-    return those strings (the ``--config`` files themselves are kept as jsonargparse holds them, and not listed)."""
+    """Make every parsed path in a jsonargparse Namespace (or dict/list) absolute, in place; return them as strings (the ``--config`` files themselves are kept as jsonargparse holds them, and not listed)."""
     found = [] if found is None else found
     items = (vars(value).items() if isinstance(value, Namespace) else value.items() if isinstance(value, dict)
              else enumerate(value) if isinstance(value, list) else ())
@@ -31,10 +31,12 @@ def absolute_paths(value: Any, found: list[str] | None = None) -> list[str]:
         if isinstance(item, Path):  # the base of every jsonargparse path type
             resolved = os.fspath(item)
             found.append(resolved)
+            # The same type, now absolute: the saved config holds absolute paths and still validates.
+            absolute = type(item)(resolved)
             if isinstance(value, Namespace):
-                setattr(value, key, resolved)
+                setattr(value, key, absolute)
             else:
-                value[key] = resolved
+                value[key] = absolute
         else:
             absolute_paths(item, found)
     return found

@@ -181,7 +181,12 @@ class PrismModule(DistillationStudent):
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> list[dict]:
         """Routed generation for a batch of ``{"id", "prompt"}`` rows."""
-        outputs = self.gated().generate([row["prompt"] for row in batch], self.predict_decoding)
+        gated = self.gated()
+        ids = [gated.prompt_ids(row["prompt"]) for row in batch]
+        # Refused before any generation, naming the row: transformers would only warn and generate past the context.
+        gated.backbone.check_fits(ids, self.predict_decoding.max_new_tokens,
+                                  [f"data.predict_file: prompt {row['id']!r}" for row in batch])
+        outputs = gated.generate_ids(ids, self.predict_decoding)
         return [{"id": row["id"], "prompt": row["prompt"], **out} for row, out in zip(batch, outputs)]
 
     def test_step(self, unit: dict, batch_idx: int) -> None:

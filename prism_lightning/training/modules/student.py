@@ -261,6 +261,7 @@ class DistillationStudent(TeacherPass, DistillLoss, L.LightningModule):
         """Refuse a checkpoint made for another base model; restore the random state saved with it."""
         check_base_model(checkpoint.get("prism_base_model"), self.backbone, "checkpoint")
         check_adapters(checkpoint.get("prism_adapters", [DEFAULT_ADAPTER]), self.adapter_names, "the checkpoint")
+        check_shapes(checkpoint.get("state_dict", {}), self.state_dict(), checkpoint.get("hyper_parameters", {}))
         self.kl_at_init = checkpoint.get("prism_kl_at_init", self.kl_at_init)
         trainer = self._trainer  # None when `prism export` loads a checkpoint outside any loop
         if trainer is not None and trainer.state.fn == "fit":
@@ -274,3 +275,20 @@ def trainable_state_keys(module: torch.nn.Module) -> set[str]:
     keys = {name for name, p in module.named_parameters() if p.requires_grad}
     keys |= {name for name, _ in module.named_buffers() if ".base_model." not in f".{name}"}
     return keys
+
+
+def check_shapes(saved: dict, current: dict, saved_hparams: dict) -> None:
+    """Refuse a checkpoint whose trainable weights have other shapes than this module's (another LoRA rank or gate
+    width), saying which settings differ, instead of Lightning's state-dict size-mismatch dump."""
+    for key, value in saved.items():
+        if key in current and tuple(value.shape) != tuple(current[key].shape):
+            lora = saved_hparams.get("lora")
+            rank = getattr(lora, "rank", None) if not isinstance(lora, dict) else lora.get("rank")
+            if "lora_" in key and rank is not None:
+                what = f"LoRA rank {rank}; this config has rank {current[key].shape[0 if 'lora_A' in key else 1]}"
+                hint = f"set model.init_args.lora.rank {rank}"
+            else:
+                what = f"{key} of shape {list(value.shape)}; this model's is {list(current[key].shape)}"
+                hint = "use the settings it was trained with (gate_dims, lora)"
+            raise PrismError(f"the checkpoint was trained with {what}: {hint}, or start a new run in another "
+                             f"trainer.default_root_dir")
