@@ -252,6 +252,9 @@ class PrismCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         """One backbone and placement for data and model (defined under ``data``), one top-k (under ``model``)."""
+        # PrismModule is the model unless a config names another, so a config that needs no model settings (a
+        # study) runs on its own.
+        parser.set_defaults({"model": {"class_path": f"{PrismModule.__module__}.{PrismModule.__qualname__}"}})
         parser.link_arguments("data.backbone", "model.init_args.backbone", apply_on="parse")
         parser.link_arguments("data.placement", "model.init_args.placement", apply_on="parse")
         # K-way PRISM: the contexts' grouping is data; the model trains one adapter per group.

@@ -536,10 +536,10 @@ def test_compare_rows_uses_common_items_and_shared_subcategories():
     assert out["rows"]["Base"]["overall"] == pytest.approx((65.0 + 50.0) / 2)
     assert out["rows"]["PRISM"]["overall"] == pytest.approx((65.0 + 100.0) / 2)
     # intervals on the common items: PRISM's MMLU is constant, Base's math turns are {80, 50}
-    assert out["rows"]["PRISM"]["intervals"]["MMLU/STEM"] == [100.0, 100.0]
-    assert out["rows"]["Base"]["intervals"]["MT-Bench/math"] == [50.0, 80.0]
-    # Overall resamples within subcategories: PRISM = (mean of {60, 70} resampled + 100) / 2 spans 80..85
-    assert out["rows"]["PRISM"]["overall_ci95"] == [80.0, 85.0]
+    # two items, all right: no zero-width interval is made up (n < 5)
+    assert all(math.isnan(v) for v in out["rows"]["PRISM"]["intervals"]["MMLU/STEM"])
+    assert all(math.isnan(v) for v in out["rows"]["Base"]["intervals"]["MT-Bench/math"])  # n = 2 < 5
+    assert all(math.isnan(v) for v in out["rows"]["PRISM"]["overall_ci95"])  # its groups have 2 items each
 
 
 def test_routing_correlation_relative_headline_and_absolute():
@@ -773,7 +773,8 @@ def test_run_safety_all_same_verdict(gated, registry, formatter, smol_tokenizer,
     judge, fake = _yes_no_judge(formatter, smol_tokenizer, lambda text: verdict)
     result = run_safety(gated, SAFETY_SETS, Row("Ungated LoRA", "adapter"), registry, judge, DECODING)
     assert result.scores == {"Safety/HarmBench": score, "Safety/jailbreak": score}
-    assert result.intervals == {"Safety/HarmBench": [score, score], "Safety/jailbreak": [score, score]}
+    # 3 and 2 items, and no spread: no interval (never a zero-width one)
+    assert all(math.isnan(v) for i in result.intervals.values() for v in i) and len(result.intervals) == 2
     assert result.counts == {"Safety/HarmBench": 3, "Safety/jailbreak": 2}
     assert result.unreadable == {"Safety/HarmBench": 0, "Safety/jailbreak": 0}
     assert result.routing == {"Safety/HarmBench": 1.0, "Safety/jailbreak": 1.0}
@@ -798,8 +799,7 @@ def test_run_safety_mixed_and_unreadable(gated, registry, formatter, smol_tokeni
     assert result.counts == {"Safety/HarmBench": 2, "Safety/jailbreak": 2}
     assert result.unreadable == {"Safety/HarmBench": 1, "Safety/jailbreak": 0}
     assert result.scores == {"Safety/HarmBench": 50.0, "Safety/jailbreak": 50.0}
-    lo, hi = result.intervals["Safety/HarmBench"]
-    assert 0.0 <= lo <= 50.0 <= hi <= 100.0 and lo < hi
+    assert all(math.isnan(v) for v in result.intervals["Safety/HarmBench"])  # 2 readable verdicts: n < 5
     assert result.routing == {"Safety/HarmBench": 0.0, "Safety/jailbreak": 0.0}
     # the matched expert row prompts with the safety monitor persona
     assert {c[0][1] for c in prompts} == {registry["safety_monitor"].text}
@@ -917,22 +917,29 @@ def test_bootstrap_interval_of_a_mean():
     assert bootstrap_interval(values, seed=0) == [lo, hi]                        # seeded: the same interval again
     spread = torch.arange(10, dtype=torch.float) ** 1.5
     assert bootstrap_interval(spread, seed=1) != bootstrap_interval(spread, seed=0)
-    assert bootstrap_interval(torch.ones(5)) == [1.0, 1.0]
-    assert bootstrap_interval(torch.zeros(5)) == [0.0, 0.0]
+    # no spread, or fewer than 5 items: no interval rather than a zero-width or resampler-made one
+    assert all(math.isnan(v) for v in bootstrap_interval(torch.ones(5)))
+    assert all(math.isnan(v) for v in bootstrap_interval(torch.zeros(8)))
     assert all(math.isnan(v) for v in bootstrap_interval(torch.tensor([])))
-    # two items: the resampled mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4, so the 2.5-97.5 % span is 0..1
-    assert bootstrap_interval(torch.tensor([0.0, 1.0])) == [0.0, 1.0]
-    # 400 fair coin flips: the percentile interval matches the normal one, 0.5 ± 1.96 * 0.5 / 20 = 0.451..0.549
+    assert all(math.isnan(v) for v in bootstrap_interval(torch.tensor([0.0, 1.0])))
+    # a macro average resamples within each group: two groups, one constant, still has an interval
+    lo, hi = bootstrap_interval([values, torch.ones(6)])
+    assert lo < (float(values.mean()) + 1) / 2 < hi
+    # 400 fair coin flips: the bootstrap interval matches the normal one, 0.5 ± 1.96 * 0.5 / 20 = 0.451..0.549
     lo, hi = bootstrap_interval((torch.arange(400) % 2).float(), samples=4000)
     assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
 
 
 def test_bootstrap_interval_of_a_macro_average_resamples_within_groups():
     """Overall's interval: items are resampled inside each subcategory, whose weight stays 1 / groups."""
-    # constant groups have no spread, whatever their sizes: pooling them would give a spread, and a 0.6 centre
-    assert bootstrap_interval([torch.ones(3), torch.zeros(2)]) == [0.5, 0.5]
-    # (mean of {0, 1} resampled + 1) / 2 is 0.5, 0.75 or 1
-    assert bootstrap_interval([torch.tensor([0.0, 1.0]), torch.ones(3)]) == [0.5, 1.0]
+    # constant groups have no spread, whatever their sizes: pooling them would give a spread, and a 0.6 centre;
+    # within-group resampling gives every resample 0.5, so there is no interval
+    assert all(math.isnan(v) for v in bootstrap_interval([torch.ones(6), torch.zeros(5)]))
+    # a group under 5 items: no interval for the average either
+    assert all(math.isnan(v) for v in bootstrap_interval([torch.tensor([0.0, 1.0]), torch.ones(6)]))
+    # (mean of a 0/1 group resampled + 1) / 2: centred on (0.5 + 1) / 2, bounded by 0.5 and 1
+    lo, hi = bootstrap_interval([(torch.arange(40) % 2).double(), torch.ones(6)])
+    assert 0.5 <= lo < 0.75 < hi <= 1.0
     assert all(math.isnan(v) for v in bootstrap_interval([torch.ones(2), torch.tensor([])]))
     assert all(math.isnan(v) for v in bootstrap_interval([]))
 
@@ -950,7 +957,8 @@ def test_preference_outcomes_count_ties_apart():
     assert summary["headline"].startswith("win_rate")
     # all ties: 50 % headline, no decided pairs (never 0 %, which is what counting ties as losses gave)
     ties = preference_summary(preference_outcomes(torch.zeros(4), torch.ones(4, dtype=torch.bool)))
-    assert ties["win_rate"] == 50.0 and ties["ci95"] == [50.0, 50.0] and math.isnan(ties["win_rate_decided"])
+    assert ties["win_rate"] == 50.0 and math.isnan(ties["win_rate_decided"])
+    assert all(math.isnan(v) for v in ties["ci95"])  # four identical outcomes: no interval
 
 
 def test_stratified_items_draws_both_classes_in_proportion():
@@ -1201,7 +1209,7 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
         assert all(0.0 <= v <= 100.0 for v in row["scores"].values() if not math.isnan(v)), name
         assert row["overall"] == pytest.approx(sum(row["scores"][k] for k in kept) / len(kept))
         lo, hi = row["overall_ci95"]
-        assert lo <= row["overall"] <= hi
+        assert (math.isnan(lo) and math.isnan(hi)) or lo <= row["overall"] <= hi  # tiny suites: often none
         assert set(row["routing"]) == set(metrics["subcategories"])
     # MMLU items are all readable: every row is scored on every item, and its score is its own accuracy
     assert metrics["compared"]["MMLU/STEM"] == 3

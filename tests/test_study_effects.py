@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from prism_lightning.model.chat import ChatFormatter
-from prism_lightning.study.analysis import analyse
+from prism_lightning.study.analysis import analyse, group_members
+from prism_lightning.study.report import summary_lines
 from prism_lightning.study.cells import Cell, Condition, cells, conditions, matched_persona
 from prism_lightning.study.config import StudyConfig
 from prism_lightning.study.effects import control_gain, paired_bootstrap, persona_effect, relative
@@ -36,36 +37,62 @@ def test_persona_effect_compares_only_the_items_both_conditions_scored():
     assert effect["n"] == 2
     assert effect["absolute"] == pytest.approx(25.0)  # (100 + 50) / 2 - 50
     assert effect["relative"] == pytest.approx(50.0)
-    low, high = effect["relative_ci95"]
-    assert 0.0 <= low <= effect["relative"] <= high <= 100.0
+    # Two items: no interval (it would describe the resampler), and the effect says so.
+    assert effect["relative_ci95"] is None and effect["relative_no_interval"] == "n < 5, no interval"
 
 
-def test_the_paired_interval_is_narrower_than_independent_resampling_would_give():
+def test_an_interval_holds_the_effect_at_n_of_five_or_more():
+    g = torch.Generator().manual_seed(0)
+    none = (torch.rand(40, generator=g, dtype=torch.float64) < 0.5).double() * 100
+    condition = (torch.rand(40, generator=g, dtype=torch.float64) < 0.7).double() * 100
+    effect = persona_effect(condition, none, seed=0)
+    low, high = effect["absolute_ci95"]
+    assert low < effect["absolute"] < high and high - low > 5
+
+
+def test_a_relative_effect_undefined_in_some_resamples_gets_no_interval_and_says_why():
+    """Dropping the resamples whose no-persona mean is 0 (as before) would describe another population."""
+    none = t(0, 0, 0, 0, 0, 0, 0, 0, 0, 100.0)  # one item in ten scored without the persona
+    condition = t(100.0, 0, 100.0, 0, 100.0, 0, 100.0, 0, 0, 100.0)
+    effect = persona_effect(condition, none, seed=0)
+    assert effect["relative"] == pytest.approx(400.0)
+    assert effect["relative_ci95"] is None
+    share = float(effect["relative_no_interval"].split(" in ")[1].split(" %")[0])
+    assert effect["relative_no_interval"].startswith("no-persona score is 0 in ") and 20 < share < 50  # 0.9^10 = 35 %
+    assert effect["absolute_ci95"] is not None  # the absolute change is defined in every resample
+
+
+def test_a_difference_without_spread_gets_no_zero_width_interval():
     g = torch.Generator().manual_seed(0)
     base = torch.rand(200, generator=g, dtype=torch.float64) * 100
     shifted = base + 5.0  # the same items, each 5 points higher: the difference has no spread at all
     effect = persona_effect(shifted, base, seed=1)
-    assert effect["absolute_ci95"] == pytest.approx([5.0, 5.0])
     assert effect["absolute"] == pytest.approx(5.0)
+    assert effect["absolute_ci95"] is None and "same value" in effect["absolute_no_interval"]
+    noisy = base + 5.0 + torch.randn(200, generator=g, dtype=torch.float64)
+    low, high = persona_effect(noisy, base, seed=1)["absolute_ci95"]
+    assert 4.5 < low < 5.0 < high < 5.5  # paired: the spread of the differences, not of the scores
 
 
 def test_paired_bootstrap_is_seeded_and_nan_without_items():
-    a, b = t(1.0, 0.0, 1.0, 1.0), t(0.0, 0.0, 1.0, 0.0)
+    g = torch.Generator().manual_seed(2)
+    a, b = (torch.rand(12, generator=g) < 0.7).double(), (torch.rand(12, generator=g) < 0.4).double()
     first = paired_bootstrap([a, b], lambda m: m[0] - m[1], seed=3)
     assert first == paired_bootstrap([a, b], lambda m: m[0] - m[1], seed=3)
-    assert first["value"] == pytest.approx(0.5) and first["n"] == 4
+    assert first["value"] == pytest.approx(float(a.mean() - b.mean())) and first["n"] == 12
+    assert first["ci95"][0] < first["value"] < first["ci95"][1]
     empty = paired_bootstrap([t(NAN), t(1.0)], lambda m: m[0] - m[1])
-    assert empty["n"] == 0 and math.isnan(empty["value"])
+    assert empty["n"] == 0 and math.isnan(empty["value"]) and empty["ci95"] is None
 
 
 def test_control_gain_is_matched_lift_minus_the_mean_non_matched_lift():
-    none = t(50.0, 50.0)
-    matched = t(75.0, 75.0)  # +50 %
-    others = [t(55.0, 55.0), t(45.0, 45.0), t(60.0, 60.0)]  # +10 %, -10 %, +20 %: mean +6.67 %
+    none = t(50.0, 50.0, 50.0, 50.0, 50.0)
+    matched = t(75.0, 75.0, 75.0, 75.0, 75.0)  # +50 %
+    others = [t(*[55.0] * 5), t(*[45.0] * 5), t(*[60.0] * 5)]  # +10 %, -10 %, +20 %: mean +6.67 %
     gain = control_gain(matched, others, none)
     assert gain["value"] == pytest.approx(50.0 - 20.0 / 3)
-    assert gain["ci95"] == pytest.approx([50.0 - 20.0 / 3] * 2)  # no spread across items
-    assert gain["others"] == 3 and gain["n"] == 2
+    assert gain["ci95"] is None and "same value" in gain["no_interval"]  # no spread across items
+    assert gain["others"] == 3 and gain["n"] == 5
     assert math.isnan(control_gain(matched, [], none)["value"])
 
 
@@ -139,6 +166,22 @@ def test_analysis_builds_effects_length_placement_and_control():
     assert control["matched"] == "stem" and control["value"] == pytest.approx(-20.0 - (-10.0))
     assert math.isnan(study["control"]["MT-Bench/unknown"]["value"])
     assert study["groups"]["MMLU"]["matched/full/system"] == pytest.approx(-20.0)
+    # a group mean names what it averaged and what it skipped, with the reason (never a silent skip)
+    assert study["group_members"]["MMLU"]["matched/full/system"] == {"averaged": ["MMLU/STEM"], "skipped": {}}
+    assert study["group_members"]["MT-Bench"]["matched/full/system"] == {
+        "averaged": [], "skipped": {"MT-Bench/unknown": "no matched persona for this category"}}
+    lines = "\n".join(summary_lines(study))
+    assert "MT-Bench: mean relative effect" in lines and "skipped: unknown (no matched persona for this category)" \
+        in lines
+
+
+def test_a_group_mean_skips_a_zero_base_subcategory_and_says_so():
+    effects = {"MMLU/A": {"c": {"relative": 10.0, "n": 6}}, "MMLU/B": {"c": {"relative": float("nan"), "n": 6}},
+               "MMLU/C": {"c": {"relative": float("nan"), "n": 0}}}
+    members = group_members(effects, ["MMLU/A", "MMLU/B", "MMLU/C", "MMLU/D"], "c")
+    assert members == {"averaged": ["MMLU/A"], "skipped": {
+        "MMLU/B": "no-persona score is 0: relative change undefined", "MMLU/C": "no item scored under both conditions",
+        "MMLU/D": "no matched persona for this category"}}
 
 
 # --------------------------------------------------------------------------- prism test reads a study

@@ -1,4 +1,4 @@
-"""Pure statistics of the benchmark: the seeded percentile bootstrap and the preference tally."""
+"""Pure statistics of the benchmark: bootstrap intervals of means and macro averages, the preference tally."""
 
 from __future__ import annotations
 
@@ -8,28 +8,29 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from prism_lightning.utils import stats
+
 # Per-pair preference outcomes, PRISM's point of view; a tie is half a win wherever a single rate is asked for.
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
 
 
 def bootstrap_interval(groups: Union[torch.Tensor, Sequence[torch.Tensor]], samples: int = 1000,
                        seed: int = 0) -> list[float]:
-    """95 % percentile bootstrap interval of the mean of group means, items resampled within each group.
+    """95 % bootstrap interval (scipy; BCa where defined) of the mean of group means, items resampled within each
+    group.
 
     One tensor is one group (the interval of a plain mean: MMLU, MT-Bench, safety, preference); several groups
     give the interval of a macro average (Overall: items resampled within each subcategory, so every
-    resample keeps each subcategory's size and weight). NaN when there is no group or a group is empty.
+    resample keeps each subcategory's size and weight). NaN (printed as no interval) when there is no group, a
+    group has fewer than 5 items, or every resample gives the same value.
     """
     groups = [groups] if isinstance(groups, torch.Tensor) else list(groups)
-    if not groups or any(len(g) == 0 for g in groups):
+    if not groups:
         return [float("nan"), float("nan")]
-    generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros(samples, dtype=torch.float64)
-    for values in groups:
-        index = torch.randint(len(values), (samples, len(values)), generator=generator)
-        total += values.double()[index].mean(-1)
-    means = total / len(groups)
-    return [float(means.quantile(0.025)), float(means.quantile(0.975))]
+    interval = stats.bootstrap_interval([g.double().numpy() for g in groups],
+                                        lambda *gs, axis: sum(g.mean(axis) for g in gs) / len(gs), paired=False,
+                                        seed=seed, resamples=samples)
+    return interval.as_list() or [float("nan"), float("nan")]
 
 
 def preference_outcomes(margins: torch.Tensor, identical: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

@@ -55,18 +55,36 @@ def analyse(records: Sequence[dict], conditions: Sequence[Condition], config: St
                  for sub in subcategories}
     controls = [c for c in conditions if c.kind == "control"]
     control = {sub: _control(items, sub, controls, none[sub], seed) for sub in subcategories} if controls else {}
-    groups = {g: {c.name: mean_finite([_relative(effects, s, c.name) for s in subcategories
-                                       if s.startswith(g + "/")]) for c in conditions if c.kind != "none"}
-              for g in GROUPS if any(s.startswith(g + "/") for s in subcategories)}
+    present = [g for g in GROUPS if any(s.startswith(g + "/") for s in subcategories)]
+    members = {g: {c.name: group_members(effects, [s for s in subcategories if s.startswith(g + "/")], c.name)
+                   for c in conditions if c.kind != "none"} for g in present}
+    groups = {g: {name: mean_finite([_relative(effects, s, name) for s in m["averaged"]])
+                  for name, m in members[g].items()} for g in present}
     cells = [{k: r[k] for k in ("key", "suite", "condition", "scores", "counts", "unreadable", "intervals",
                                 "seconds", "computed")} for r in records]
     return {"subcategories": subcategories, "conditions": [c.name for c in conditions], "cells": cells,
             "effects": effects, "length": length, "placement": placement, "control": control,
-            "groups": groups, "main_placement": main, "longest_granularity": longest,
+            "groups": groups, "group_members": members, "main_placement": main, "longest_granularity": longest,
             "effect": "relative: (condition − no persona) / no persona × 100; absolute in points; paired bootstrap "
                       "95% intervals over the items both scored",
             "control_definition": "matched lift minus the mean lift of the non-matched control personas "
                                   "(lift = relative effect), at the control granularity and placement"}
+
+
+def group_members(effects: dict, subs: Sequence[str], name: str) -> dict:
+    """The subcategories a group mean of ``name`` averages, and those it skips with the reason."""
+    averaged, skipped = [], {}
+    for sub in subs:
+        found = effects.get(sub, {}).get(name)
+        if found is None:
+            skipped[sub] = "no matched persona for this category"
+        elif found["n"] == 0:
+            skipped[sub] = "no item scored under both conditions"
+        elif not is_finite(found["relative"]):
+            skipped[sub] = "no-persona score is 0: relative change undefined"
+        else:
+            averaged.append(sub)
+    return {"averaged": averaged, "skipped": skipped}
 
 
 def _relative(effects: dict, sub: str, name: str) -> float:
@@ -78,13 +96,14 @@ def _control(items: dict, sub: str, controls: Sequence[Condition], none: torch.T
     """The other-persona control of one subcategory; the matched persona's own cell at the control settings."""
     persona = matched_persona(sub)
     if persona is None or not controls:
-        return {"value": float("nan"), "ci95": [float("nan")] * 2, "n": 0, "others": 0,
-                "note": "no matched persona for this category"}
+        return {"value": float("nan"), "ci95": None, "n": 0, "others": 0,
+                "note": "no matched persona for this category", "no_interval": "no matched persona"}
     granularity, placement = controls[0].granularity, controls[0].placement
     name = next((c.name for c in controls if c.persona == persona), f"matched/{granularity}/{placement}")
     if name not in items:
-        return {"value": float("nan"), "ci95": [float("nan")] * 2, "n": 0, "others": 0,
-                "note": f"no cell of the matched persona {persona!r} at {granularity}/{placement}"}
+        return {"value": float("nan"), "ci95": None, "n": 0, "others": 0,
+                "note": f"no cell of the matched persona {persona!r} at {granularity}/{placement}",
+                "no_interval": "no matched cell"}
     others = [items[c.name][sub] for c in controls if c.persona != persona]
     return {**control_gain(items[name][sub], others, none, seed), "matched": persona}
 

@@ -54,8 +54,11 @@ def summary_lines(study: dict) -> list[str]:
     name = f"matched/{longest}/{main}"
     for group, values in study["groups"].items():
         if name in values:
+            member = study.get("group_members", {}).get(group, {}).get(name, {})
+            averaged = ", ".join(s.split("/", 1)[1] for s in member.get("averaged", [])) or "none"
+            skipped = "; ".join(f"{s.split('/', 1)[1]} ({why})" for s, why in member.get("skipped", {}).items())
             lines.append(f"{group}: mean relative effect of the matched {longest} persona ({main} placement) "
-                         f"{_signed(values[name])} %.")
+                         f"{_signed(values[name])} %, over {averaged}" + (f"; skipped: {skipped}." if skipped else "."))
     gains = [v["value"] for v in study.get("control", {}).values()
              if v.get("value") is not None and not math.isnan(v["value"])]
     if gains:
@@ -129,8 +132,9 @@ def plot(study: dict, directory: Path) -> list[Path]:
     if any(math.isfinite(_nan(v.get("value"))) for v in control.values()):
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(subs) + 2), 4))
         values = [_nan(control[s].get("value")) for s in subs]
-        low = [v - _nan(control[s]["ci95"][0]) for s, v in zip(subs, values)]
-        high = [_nan(control[s]["ci95"][1]) - v for s, v in zip(subs, values)]
+        spans = [control[s].get("ci95") or [None, None] for s in subs]
+        low = [v - _nan(span[0]) for span, v in zip(spans, values)]
+        high = [_nan(span[1]) - v for span, v in zip(spans, values)]
         ax.bar(range(len(subs)), values, yerr=[np.nan_to_num(low), np.nan_to_num(high)], capsize=2)
         ax.set_xticks(range(len(subs)), subs, rotation=45, ha="right", fontsize=7)
         ax.axhline(0, color="grey", linewidth=0.8)
@@ -179,8 +183,10 @@ def write_study(study: dict, directory: Path) -> Path:
                   "|---|---|---|---|---|---|"]
         for sub in subs:
             v = study["control"][sub]
-            lines.append(f"| {sub} | {v.get('matched', '–')} | {_signed(v.get('value'))} | "
-                         f"{_signed(v['ci95'][0])} to {_signed(v['ci95'][1])} | {v.get('others', 0)} | {v.get('n')} |")
+            span = (f"{_signed(v['ci95'][0])} to {_signed(v['ci95'][1])}" if v.get("ci95")
+                    else f"none: {v.get('no_interval', 'not computed')}")
+            lines.append(f"| {sub} | {v.get('matched', '–')} | {_signed(v.get('value'))} | {span} | "
+                         f"{v.get('others', 0)} | {v.get('n')} |")
     unread = {c["key"]: sum(c["unreadable"].values()) for c in study["cells"] if sum(c["unreadable"].values())}
     lines += ["", "Judge verdicts that could not be read (excluded, never scored): " +
               (", ".join(f"{k} {v}" for k, v in unread.items()) if unread else "none") + ".", "",
@@ -193,7 +199,11 @@ def write_study(study: dict, directory: Path) -> Path:
 def _effect_cell(effect) -> str:
     if not effect:
         return "–"
-    low, high = effect["relative_ci95"]
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return _signed(effect["relative"])
-    return f"{_signed(effect['relative'])} ({_signed(low)}, {_signed(high)})"
+    if effect.get("relative_ci95"):
+        low, high = effect["relative_ci95"]
+        return f"{_signed(effect['relative'])} ({_signed(low)}, {_signed(high)})"
+    # No relative interval: say why, and show the absolute change (defined in every resample) with its own.
+    absolute = effect.get("absolute_ci95")
+    shown = (f"absolute {_signed(effect['absolute'])} ({_signed(absolute[0])}, {_signed(absolute[1])}) points"
+             if absolute else f"absolute {_signed(effect['absolute'])} points")
+    return f"{_signed(effect['relative'])} (no interval: {effect.get('relative_no_interval', 'n/a')}; {shown})"

@@ -21,7 +21,8 @@ InputPath = path_type("r", docstring="an existing file or directory")
 
 
 def absolute_paths(value: Any, found: list[str] | None = None) -> list[str]:
-    """Make every parsed path in a jsonargparse Namespace (or dict/list) absolute, in place; return them as strings (the ``--config`` files themselves are kept as jsonargparse holds them, and not listed)."""
+    """Make every parsed path in a jsonargparse Namespace (or dict/list) absolute, in place; return them as
+    strings (the ``--config`` files themselves are kept as jsonargparse holds them, and not listed)."""
     found = [] if found is None else found
     items = (vars(value).items() if isinstance(value, Namespace) else value.items() if isinstance(value, dict)
              else enumerate(value) if isinstance(value, list) else ())
