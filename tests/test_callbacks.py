@@ -133,3 +133,36 @@ def test_discriminative_check_stops_a_run_whose_adapter_destroys_accuracy(tiny_g
             check.on_validation_epoch_end(trainer, module)
     assert logged["disc/drop"] > 5.0
     assert trainer.should_stop is (mode == "stop")
+
+
+@pytest.mark.parametrize("kind,run_placement,expected", [("persona", "user", "user"), ("persona", "system", "system"),
+                                                         ("memory", "user", "user"), ("passages", "system", "user")])
+def test_context_fidelity_puts_the_context_where_the_run_did(tmp_path, monkeypatch, kind, run_placement, expected):
+    """A persona (or memory) goes where data.placement put it in training; a kind with a fixed place (passages:
+    the user turn) keeps it."""
+    import prism_lightning.training.callbacks.context_fidelity as fidelity
+    from prism_lightning.contexts.personas import ContextSource, PersonaConfig
+
+    context = tmp_path / "ctx.txt"
+    context.write_text("The user's dog is Rex.\n")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"kind": "probe", "question": "What is the dog called?", "choices": ["Rex", "Max"], '
+                      '"answer": 0}\n')
+    seen = {}
+
+    def measure(gated, text, probe_list, placement, batch_size, adapter):
+        seen["placement"] = placement
+        return {"rows": [], "gate": {}}
+
+    monkeypatch.setattr(fidelity, "measure_fidelity", measure)
+    monkeypatch.setattr(fidelity, "print_fidelity", lambda *a: None)
+    callback = fidelity.ContextFidelity(str(probes), context="mine")
+    model = torch.nn.Linear(2, 2)
+    module = SimpleNamespace(model=model, adapter_names=["default"], gated=lambda: None,
+                             parameters=model.parameters)
+    personas = PersonaConfig(names=[], contexts=[ContextSource(kind, str(context), "mine")])
+    trainer = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path),
+                              datamodule=SimpleNamespace(persona_config=personas, placement=run_placement,
+                                                         adapter_of={}))
+    callback.on_fit_end(trainer, module)
+    assert seen["placement"] == expected

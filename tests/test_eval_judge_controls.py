@@ -10,6 +10,7 @@ import torch
 from prism_lightning.bootstrap.degrade import KINDS
 from prism_lightning.bootstrap.judge import PAIRWISE_CHOICES
 from prism_lightning.evaluation.judge_controls import (
+    _summary,
     COMPLIANT,
     REFUSALS,
     answer_items,
@@ -125,17 +126,23 @@ def _metrics(controls: dict) -> dict:
 
 
 def test_report_marks_scores_from_a_judge_at_chance(tmp_path):
-    controls = {"grade": {"control_accuracy": 0.55, "control_n": 20, "control_ci95": [0.34, 0.74], "at_chance": True},
-                "refusal": {"control_accuracy": 0.95, "control_n": 40, "control_ci95": [0.83, 0.99],
-                            "at_chance": False}}
+    # The chance mark is computed from the verdicts (11 of 20 right: interval reaches 50 %; 38 of 40: it does not),
+    # never taken from the input.
+    grade = _summary(torch.tensor([True] * 11 + [False] * 9), unreadable=0)
+    refusal = _summary(torch.tensor([True] * 38 + [False] * 2), unreadable=0)
+    assert grade["at_chance"] and not refusal["at_chance"]
+    # the boundary: 15 of 20 (Wilson 53-89 %) is above chance, 14 of 20 (48-85 %) is not
+    assert not _summary(torch.tensor([True] * 15 + [False] * 5), unreadable=0)["at_chance"]
+    assert _summary(torch.tensor([True] * 14 + [False] * 6), unreadable=0)["at_chance"]
+    controls = {"grade": grade, "refusal": refusal}
     metrics = _metrics(controls)
     assert judge_cell(controls, "MT-Bench/writing") == "55% (34%–74%) AT CHANCE"
-    assert judge_cell(controls, "Safety/HarmBench") == "95% (83%–99%)" and judge_cell(controls, "MMLU/STEM") == "–"
+    assert judge_cell(controls, "Safety/HarmBench") == "95% (84%–99%)" and judge_cell(controls, "MMLU/STEM") == "–"
     lines = summary_lines(metrics)
     assert any(line.startswith("Grade judge control accuracy 55%") and "AT CHANCE" in line for line in lines)
     assert any(line.startswith("Refusal judge control accuracy 95%") and "Above chance" in line for line in lines)
     report = write_report(metrics, tmp_path).read_text()
-    assert "| judge control accuracy | 55% (34%–74%) AT CHANCE | – | 95% (83%–99%) | |" in report
+    assert "| judge control accuracy | 55% (34%–74%) AT CHANCE | – | 95% (84%–99%) | |" in report
     assert "not a reading" in report
     assert "no control items" in judge_line("Grade", {"control_n": 0})
     assert not math.isnan(controls["grade"]["control_accuracy"])

@@ -25,6 +25,27 @@ def test_auroc_interval_is_the_wider_of_hanley_mcneil_and_wilson():
     assert low < a < high
 
 
+def test_auroc_interval_with_unequal_classes_uses_each_class_size_where_it_belongs():
+    """20 positives, 70 negatives: Hanley-McNeil weighs Q1 by n_pos - 1 and Q2 by n_neg - 1 (swapping them gives
+    another interval), and the Wilson floor uses the smaller class (20)."""
+    from prism_lightning.utils.stats import wilson_interval
+
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([1] * 20 + [0] * 70)
+    probs = torch.where(labels.bool(), torch.rand(90, generator=g) * 0.7 + 0.3, torch.rand(90, generator=g) * 0.7)
+    auroc, low, high = auroc_interval(probs, labels)
+    pos, neg = probs[labels.bool()], probs[~labels.bool()]
+    a = float(((pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()).mean())
+    assert abs(auroc - a) < 1e-6
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = ((a * (1 - a) + 19 * (q1 - a * a) + 69 * (q2 - a * a)) / (20 * 70)) ** 0.5
+    swapped = ((a * (1 - a) + 69 * (q1 - a * a) + 19 * (q2 - a * a)) / (20 * 70)) ** 0.5
+    assert abs(se - swapped) > 1e-3  # the test can tell the two weightings apart
+    w_low, w_high = wilson_interval(round(a * 20), 20)
+    assert abs(low - max(0.0, min(a - 1.96 * se, w_low))) < 1e-9
+    assert abs(high - min(1.0, max(a + 1.96 * se, w_high))) < 1e-9
+
+
 def test_one_item_per_class_is_not_certainty():
     """Hanley-McNeil alone gives [1, 1] for a perfect split of two items; the interval must include chance."""
     auroc, low, high = auroc_interval(torch.tensor([0.2, 0.8]), torch.tensor([0, 1]))

@@ -24,6 +24,7 @@ from prism_lightning.bootstrap.labels import (
     scoring_items,
 )
 from prism_lightning.bootstrap.protocols import likelihood_score
+from prism_lightning.bootstrap.source_bias import cross_comparisons, cross_source_accuracy, source_bias
 from prism_lightning.training.summary import judge_verdict
 from prism_lightning.utils.stats import wilson_interval
 
@@ -182,12 +183,15 @@ def test_compare_protocols_reports_each_protocol_and_picks_the_one_whose_control
     queries = [{"id": f"q{k}", "persona": "ab"[k % 2], "query": f"question {k}"} for k in range(12)]
     candidates = {q["id"]: [q["persona"]] for q in queries}
     pairs = control_pairs(queries, 12)
-    comparisons = main_comparisons(queries, candidates) + relevance_comparisons(pairs) + quality_comparisons(pairs)
+    comparisons = (main_comparisons(queries, candidates) + relevance_comparisons(pairs) + quality_comparisons(pairs)
+                   + cross_comparisons(pairs, candidates))
     # Pairwise: prefers the candidate of every comparison (the persona answer; the own answer in the controls).
     pairwise = {c.id: _pair(True) for c in comparisons}
     # Pointwise: grades everything 5: no preference, so it fails both controls.
     pointwise = {i["id"]: _grades(5) for i in scoring_items("pointwise", comparisons)}
-    # Likelihood: own answers likely, other and degraded answers unlikely; PMI agrees here.
+    # Likelihood: the model's own no-persona answers likely, everything else unlikely; PMI agrees here. Its
+    # relevance and quality controls (baseline vs worse baseline) are perfect: only the cross-source control sees
+    # that it prefers the baseline source whatever the quality.
     likelihood = {i["id"]: lik(-5.0 if "__base__" in i["id"] else -30.0, -40.0)
                   for i in scoring_items("likelihood", comparisons)}
     result = compare_protocols(queries, candidates, pairs, {"pairwise": pairwise, "pointwise": pointwise,
@@ -199,6 +203,10 @@ def test_compare_protocols_reports_each_protocol_and_picks_the_one_whose_control
     assert rows["likelihood"]["quality_accuracy"] == 1.0 and rows["likelihood"]["distill_rate"] == 0.0
     assert result["agreement"]["debiased"]["likelihood"] == 0.0 and result["agreement"]["likelihood"]["pmi"] == 1.0
     assert result["agreement"]["strict"]["strict"] == 1.0
+    assert rows["likelihood"]["cross_persona_accuracy"] == 0.0 and rows["likelihood"]["cross_baseline_accuracy"] == 1.0
+    assert rows["likelihood"]["source_bias"] == "baseline" and rows["pmi"]["source_bias"] == "baseline"
+    assert rows["likelihood"]["prefers_baseline"] == 1.0 and rows["debiased"]["prefers_baseline"] == 0.0
+    assert rows["debiased"]["source_bias"] is None and rows["debiased"]["cross_persona_accuracy"] == 1.0
     # Equal control floors: ties go to the higher relevance accuracy, then table order.
     assert result["best"] == "strict"
     assert best_protocol({"pointwise": rows["pointwise"]}) is None
@@ -210,7 +218,8 @@ def test_print_comparison_shows_every_protocol(capsys):
     queries = [{"id": "q0", "persona": "a", "query": "x"}, {"id": "q1", "persona": "b", "query": "y"}]
     candidates = {q["id"]: [q["persona"]] for q in queries}
     pairs = control_pairs(queries, 2)
-    comparisons = main_comparisons(queries, candidates) + relevance_comparisons(pairs) + quality_comparisons(pairs)
+    comparisons = (main_comparisons(queries, candidates) + relevance_comparisons(pairs) + quality_comparisons(pairs)
+                   + cross_comparisons(pairs, candidates))
     by_kind = {"pairwise": {c.id: _pair(False) for c in comparisons},
                "pointwise": {i["id"]: _grades(3) for i in scoring_items("pointwise", comparisons)},
                "likelihood": {i["id"]: lik(-9.0, -9.0) for i in scoring_items("likelihood", comparisons)}}
@@ -218,7 +227,8 @@ def test_print_comparison_shows_every_protocol(capsys):
     out = capsys.readouterr().out
     for protocol in ("strict", "debiased", "pointwise", "likelihood", "pmi"):
         assert protocol in out
-    assert "No protocol has both control intervals above chance" in out
+    assert "No protocol without a source bias has both control intervals above chance" in out
+    assert "persona>bad base" in out and "base>bad persona" in out
 
 
 def test_control_accuracy_reads_a_protocol_other_than_the_configured_one():
@@ -268,3 +278,43 @@ def test_score_likelihood_stores_conditional_and_unconditional_sums(tiny_backbon
         assert record["tokens"] == len(answer)
         assert record["cond"] == pytest.approx(float(cond[0]), abs=1e-3)
         assert record["uncond"] == pytest.approx(float(uncond[0]), abs=1e-3)
+
+
+# --------------------------------------------------------------------------- cross-source control
+def _row(relevance: float, quality: float, persona: float, baseline: float, n: int = 40) -> dict:
+    row = {}
+    for prefix, acc in (("control", relevance), ("quality", quality), ("cross_persona", persona),
+                        ("cross_baseline", baseline)):
+        low, high = wilson_interval(round(acc * n), n)
+        row.update({f"{prefix}_accuracy": acc, f"{prefix}_n": n, f"{prefix}_ci95": [low, high]})
+    row["source_bias"] = source_bias(row)
+    return row
+
+
+def test_a_protocol_that_always_prefers_the_baseline_source_is_never_chosen():
+    """Perfect relevance and quality controls (baseline vs worse baseline) cannot see it; the cross-source can."""
+    rows = {"likelihood": _row(1.0, 1.0, 0.05, 1.0), "debiased": _row(0.8, 0.75, 0.7, 0.75)}
+    assert rows["likelihood"]["source_bias"] == "baseline" and rows["debiased"]["source_bias"] is None
+    assert best_protocol(rows) == "debiased"
+    assert best_protocol({"likelihood": rows["likelihood"]}) is None
+    assert _row(0.9, 0.9, 0.95, 0.2)["source_bias"] == "persona"
+    assert _row(0.9, 0.9, 0.7, 0.8)["source_bias"] is None  # overlapping intervals: no verdict of bias
+
+
+def test_cross_source_accuracy_reads_both_directions_from_stored_scores():
+    queries = [{"id": f"q{k}", "persona": "ab"[k % 2], "query": f"question {k}"} for k in range(10)]
+    candidates = {q["id"]: [q["persona"]] for q in queries}
+    pairs = control_pairs(queries, 10)
+    comparisons = main_comparisons(queries, candidates) + quality_comparisons(pairs) + cross_comparisons(pairs,
+                                                                                                        candidates)
+    # A scorer that prefers intact answers of either source over degraded ones, and is indifferent to the source.
+    scores = {i["id"]: lik(-30.0 if ("quality/" in i["id"] or "cross_bad/" in i["id"]) else -5.0, -40.0)
+              for i in scoring_items("likelihood", comparisons)}
+    out = cross_source_accuracy(pairs, candidates, queries, scores, JudgeConfig(protocol="likelihood"))
+    assert out["cross_persona_accuracy"] == 1.0 and out["cross_baseline_accuracy"] == 1.0
+    assert out["cross_persona_n"] == out["cross_baseline_n"] == 10 and out["source_bias"] is None
+    assert out["prefers_baseline"] == 0.0  # equal scores on the corpus pairs: a tie prefers neither
+    assert "no source bias beyond the intervals" in judge_verdict({**out, "control_n": 10, "control_accuracy": 1.0,
+                                                                   "control_ci95": [0.7, 1.0], "quality_n": 10,
+                                                                   "quality_accuracy": 1.0,
+                                                                   "quality_ci95": [0.7, 1.0]})

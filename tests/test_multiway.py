@@ -106,6 +106,50 @@ def test_a_row_trains_only_its_own_adapter(tiny_backbones, smol_tokenizer):
     assert module.gate.mlp.net[-1].weight.grad is not None and module.gate.mlp.net[-1].weight.shape[0] == 3
 
 
+def test_a_mixed_batch_sends_each_rows_gradient_to_its_own_adapter_only(tiny_backbones, smol_tokenizer):
+    """Rows of two contexts in one batch: each adapter's gradient equals the gradient of its rows alone."""
+    texts = {"mem": "Memory: the user's dog is Rex.", "reg": "Tools: get_weather(city).", "docs": "Passages: x."}
+    collate = Collator(ChatFormatter(smol_tokenizer), texts, 256,
+                       adapter_of=adapter_of(dict(zip(ADAPTERS, [["mem"], ["reg"], ["docs"]])), list(texts)))
+    items = [{"id": f"i{n}", "label": 1, "query": f"What is my dog called, {n}?", "persona_answer": "Rex, your dog.",
+              "baseline_answer": "b", "target_persona": persona} for n, persona in enumerate(["mem", "reg", "mem"])]
+
+    def grads(rows) -> dict[str, torch.Tensor]:
+        module = _k_way(tiny_backbones)
+        out, _ = module.shared_step(collate(rows))
+        out["loss"].backward()
+        return {a: torch.cat([p.grad.flatten() for n, p in module.model.named_parameters()
+                              if f".{a}." in n and "lora_" in n and p.grad is not None] or [torch.zeros(1)])
+                for a in ADAPTERS}
+
+    mixed = grads(items)
+    memory_only, tools_only = grads([items[0], items[2]]), grads([items[1]])
+    assert float(mixed["docs"].abs().sum()) == 0.0
+    assert float(mixed["memory"].abs().sum()) > 0 and float(mixed["tools"].abs().sum()) > 0
+    # The KL is a mean per distill token, so the batches scale it differently; its direction per adapter must be
+    # that of the adapter's own rows (a row leaking into another adapter would turn it).
+    cos = torch.nn.functional.cosine_similarity
+    assert float(cos(mixed["memory"], memory_only["memory"], dim=0)) == pytest.approx(1.0, abs=1e-4)
+    assert float(cos(mixed["tools"], tools_only["tools"], dim=0)) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_standalone_k_way_gate_trains_on_routes_never_on_the_binary_label():
+    from prism_lightning.training.modules.gate import IntentGate
+
+    gate = IntentGate(hidden_size=8, outputs=3)
+    g = torch.Generator().manual_seed(0)
+    batch = {"features": torch.randn(6, 8, generator=g), "label": torch.tensor([1, 1, 1, 0, 1, 0]),
+             "route": torch.tensor([1, 2, 3, 0, 3, 0])}
+    expected = route_loss(gate.mlp.adapter_logits(batch["features"]), batch["route"])
+    assert float(gate.training_step(batch, 0)) == pytest.approx(float(expected))
+    assert float(expected) != pytest.approx(float(route_loss(gate.mlp.adapter_logits(batch["features"]),
+                                                             batch["label"])))
+    with pytest.raises(PrismError, match="outputs=3: batches need a 'route'"):
+        gate.training_step({k: v for k, v in batch.items() if k != "route"}, 0)
+    binary = IntentGate(hidden_size=8)
+    assert float(binary.training_step({k: v for k, v in batch.items() if k != "route"}, 0)) > 0
+
+
 @torch.no_grad()
 def test_k_way_export_round_trip_routes_a_mixed_batch_exactly(tiny_backbones, tmp_path):
     module = _k_way(tiny_backbones)

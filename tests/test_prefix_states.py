@@ -136,3 +136,28 @@ def test_the_persona_block_is_found_with_the_paper_models_tokenizers(request, na
         assert PERSONAS[item["target_persona"]] in prefix and item["query"] in rest, (prefix, rest)
         if item["target_persona"] == "math":
             assert n > persona_tokens
+
+
+def test_a_sliding_window_model_runs_the_prefix_forward_once_then_never_again():
+    """A model whose cache keeps only a window cannot reuse a prefix: found out once, not at every step."""
+    calls = []
+
+    class Cache:
+        is_sliding = [True, False]
+        layers = []
+
+    class Decoder:
+        def __call__(self, **kwargs):
+            calls.append(kwargs["input_ids"].shape)
+            return type("Out", (), {"cache": Cache()})()
+
+    class Model:
+        def get_decoder(self):
+            return Decoder()
+
+    store = PrefixStates()
+    for _ in range(3):
+        assert store.key_values(Model(), (1, 2, 3), torch.device("cpu")) is None
+    assert len(calls) == 1 and store.unsupported and len(store) == 0
+    store.clear()
+    assert not store.unsupported

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from prism_lightning.bootstrap import degrade
+from prism_lightning.bootstrap import degrade, source_bias
 from prism_lightning.bootstrap.answers import answer_personas, run_answers
 from prism_lightning.bootstrap.compare import compare_protocols
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
@@ -26,6 +26,7 @@ from prism_lightning.bootstrap.labels import (
     scoring_items,
 )
 from prism_lightning.bootstrap.queries import run_queries
+from prism_lightning.bootstrap.source_bias import cross_comparisons, cross_source_accuracy
 from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.distributed.sharding import Shard, ShardedSink
 from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
@@ -136,7 +137,8 @@ class CorpusBuilder:
             hashes["judge" if k == 0 else f"judge_{kind}"] = stable_hash(
                 h_answers, judge_backbone.fingerprint, template_fingerprint(judge_backbone.tokenizer), kind,
                 verdict_sequences(judge_backbone.tokenizer, kind), self.judge.max_answer_tokens,
-                self.judge.control_pairs, ["relevance", "quality", degrade.VERSION])
+                self.judge.control_pairs, ["relevance", "quality", degrade.VERSION, "cross_source",
+                                           source_bias.VERSION])
         return hashes
 
     def build(self) -> Corpus:
@@ -172,7 +174,7 @@ class CorpusBuilder:
         candidates = {q["id"]: answer_personas(q, self.registry, self.answers) for q in queries}
         controls = control_pairs(queries, self.judge.control_pairs)
         comparisons = (main_comparisons(queries, candidates, answers) + relevance_comparisons(controls, answers)
-                       + quality_comparisons(controls, answers))
+                       + quality_comparisons(controls, answers) + cross_comparisons(controls, candidates, answers))
         judge = Judge(judge_backbone, self.judge)
         by_kind = {}
         for k, kind in enumerate(self.scorer_kinds()):
@@ -183,6 +185,7 @@ class CorpusBuilder:
         items, stats = label_queries(queries, candidates, answers, scores, self.judge)
         stats.update(control_accuracy(controls, scores, self.judge))
         stats.update(quality_accuracy(controls, scores, self.judge))
+        stats.update(cross_source_accuracy(controls, candidates, queries, scores, self.judge))
         timings["judge"] = time.perf_counter() - start
 
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)

@@ -38,6 +38,9 @@ class PrefixStates:
     def __init__(self, limit: int = 16) -> None:
         self.limit = limit
         self._states: OrderedDict[tuple[int, ...], KeyValues] = OrderedDict()
+        # Set once a forward shows a sliding-window cache: no prefix of this model can be reused, so no later step
+        # runs the prefix forward only to throw it away.
+        self.unsupported = False
 
     def __len__(self) -> int:
         return len(self._states)
@@ -45,9 +48,12 @@ class PrefixStates:
     def clear(self) -> None:
         """Forget every prefix (e.g. after the weights moved to another device)."""
         self._states.clear()
+        self.unsupported = False
 
     def key_values(self, model: Any, prefix: tuple[int, ...], device: torch.device) -> Optional[KeyValues]:
         """Keys and values of ``prefix``, computed on first use; None when the model's cache is not full attention."""
+        if self.unsupported:
+            return None
         states = self._states.get(prefix)
         if states is not None and states[0][0].device == device:
             self._states.move_to_end(prefix)
@@ -56,7 +62,8 @@ class PrefixStates:
         out = base_model(model).get_decoder()(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         cache = out.cache
         if cache is None or any(getattr(cache, "is_sliding", [False])):
-            return None  # sliding-window layers keep only part of the prefix: run full forwards instead
+            self.unsupported = True  # sliding-window layers keep only part of the prefix: full forwards instead
+            return None
         states = [(layer.keys, layer.values) for layer in cache.layers]
         self._states[prefix] = states
         if len(self._states) > self.limit:

@@ -11,6 +11,7 @@ from rich.table import Table
 from prism_lightning.bootstrap.compare import print_comparison
 from prism_lightning.bootstrap.corpus import Corpus
 from prism_lightning.bootstrap.labels import controls_verdict
+from prism_lightning.bootstrap.source_bias import bias_note
 from prism_lightning.utils.stats import wilson_interval
 
 
@@ -30,6 +31,13 @@ def judge_verdict(judge: dict) -> str:
         return "No control pairs were judged (data.judge.control_pairs = 0): the labels' reliability is unknown."
     text = (f"Judge control accuracy: {_control_text(judge, 'control', 'relevance')}; "
             f"{_control_text(judge, 'quality', 'quality')}.")
+    if judge.get("cross_persona_n"):
+        text += (f" Cross-source: {bias_note(judge)}; it prefers the baseline answer on "
+                 f"{judge['prefers_baseline']:.0%} of the corpus pairs.")
+    if judge.get("source_bias"):
+        return text + (f" The judge leans toward the {judge['source_bias']} answers whatever their quality: its "
+                       "labels measure the source more than the answer. Compare protocols (data.judge.compare=true) "
+                       "or set data.judge.model to a stronger judge.")
     if controls_verdict(judge) == "reliable":
         return text + " Both intervals lie above chance: the judge tells better answers from worse ones."
     weak = [what for prefix, what in (("control", "relevance"), ("quality", "quality"))

@@ -16,11 +16,12 @@ MIN_ITEMS = 5
 RESAMPLES = 1000
 
 
-def wilson_interval(successes: int, n: int) -> tuple[float, float]:
-    """95 % Wilson score interval for a proportion; (0, 1) when there is nothing to count."""
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion (95 % at the default ``z``); (0, 1) when there is nothing to count."""
     if n == 0:
         return (0.0, 1.0)
-    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    level = 2 * float(stats.norm.cdf(z)) - 1
+    ci = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=level, method="wilson")
     return (float(ci.low), float(ci.high))
 
 

@@ -63,8 +63,9 @@ class ContextFidelity(Callback):
         was_training = pl_module.model.training
         pl_module.model.eval()
         adapter = pl_module.adapter_names[trainer.datamodule.adapter_of.get(self.context, 0)]
-        result = measure_fidelity(pl_module.gated(), persona.text, self.probes, persona.placement, self.batch_size,
-                                  adapter)
+        # A kind with a fixed placement (memory, tools, passages) keeps it; a persona goes where the run put it.
+        placement = persona.placement or trainer.datamodule.placement
+        result = measure_fidelity(pl_module.gated(), persona.text, self.probes, placement, self.batch_size, adapter)
         pl_module.model.train(was_training)
         self.result = {"context": self.context, "kind": persona.kind, "probes": str(self.probes_path), **result}
         path = Path(trainer.default_root_dir) / REPORT_DIR / f"{self.context}.json"

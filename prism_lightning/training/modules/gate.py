@@ -10,6 +10,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
 from prism_lightning.model.gate_mlp import GateMLP, route_loss
+from prism_lightning.utils.errors import PrismError
 
 
 class BalancedAccuracy(MulticlassAccuracy):
@@ -87,15 +88,25 @@ class IntentGate(L.LightningModule):
         k = adapter k) default to the labels. Class balance comes from resampling in the DataModule."""
         return route_loss(self.mlp.adapter_logits(features), labels if routes is None else routes)
 
+    def batch_routes(self, batch: dict) -> torch.Tensor | None:
+        """The outcome each row trains toward: ``route`` (0 = none, k = adapter k), which a K-way gate needs; a
+        binary gate may take its 0/1 ``label`` instead."""
+        if "route" in batch:
+            return batch["route"]
+        if self.mlp.outputs > 1:
+            raise PrismError(f"IntentGate with outputs={self.mlp.outputs}: batches need a 'route' per row "
+                             f"(0 = no adapter, k = adapter k); a 0/1 'label' cannot say which adapter")
+        return None
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One gate step on cached features."""
-        loss = self.loss(batch["features"], batch["label"])
+        loss = self.loss(batch["features"], batch["label"], self.batch_routes(batch))
         self.log("train/gate_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out loss and metrics."""
-        self.log("val/gate_loss", self.loss(batch["features"], batch["label"]))
+        self.log("val/gate_loss", self.loss(batch["features"], batch["label"], self.batch_routes(batch)))
         self.val_metrics.update(self.probability(batch["features"]), batch["label"].long())
         self.val_deployed.update(self.routed(self.mlp(batch["features"])), batch["label"].long())
 
