@@ -11,6 +11,7 @@ from prism_lightning.bootstrap.degrade import KINDS
 from prism_lightning.bootstrap.judge import PAIRWISE_CHOICES
 from prism_lightning.evaluation.judge_controls import (
     _summary,
+    cross_source_items,
     COMPLIANT,
     REFUSALS,
     answer_items,
@@ -164,3 +165,22 @@ def test_a_benchmark_run_schedules_judge_controls_only_when_a_judge_is_used():
 @pytest.mark.parametrize("n", [0, 1])
 def test_refusal_items_handle_few_prompts(n):
     assert len(refusal_items(["p"] * n, 5)) == 2 * n
+
+
+def test_cross_source_items_degrade_each_source_and_a_one_source_judge_is_flagged():
+    held = [{"query": f"q{k}", "baseline_answer": f"Plain answer number {k}. It is short. It is fine.",
+             "persona_answer": f"Expert answer number {k}. It explains. It checks the edge cases."} for k in range(12)]
+    items = cross_source_items(held, 10, seed=0)
+    assert [i["kind"] for i in items[:2]] == ["cross_persona", "cross_baseline"] and len(items) == 20
+    assert all(i["good"].startswith("Expert" if i["kind"] == "cross_persona" else "Plain") for i in items)
+    assert all(i["worse"] != i["good"] for i in items)
+    kinds = [i["kind"] for i in items]
+    # A judge that always prefers the baseline source: right on every cross_baseline item, wrong on the others.
+    biased = _summary(torch.tensor([k == "cross_baseline" for k in kinds]), unreadable=0, kinds=kinds)
+    assert biased["control_n"] == 0  # cross items never enter the relevance/quality accuracy
+    assert biased["cross_source"]["source_bias"] == "baseline"
+    fair = _summary(torch.ones(len(kinds), dtype=torch.bool), unreadable=0, kinds=kinds)
+    assert fair["cross_source"]["source_bias"] is None
+    assert "biased toward the baseline answers" in judge_line("Grade", {**biased, "control_n": 4,
+                                                                          "control_accuracy": 1.0,
+                                                                          "control_ci95": [0.5, 1.0]})

@@ -27,6 +27,7 @@ from prism_lightning.evaluation.benchmarks import (
 from prism_lightning.evaluation.cache import CachedGatedModel
 from prism_lightning.evaluation.judge_controls import (
     answer_items,
+    cross_source_items,
     grade_control,
     preference_control,
     refusal_control,
@@ -261,7 +262,8 @@ class BenchmarkRun:
         if "safety" in self.data:
             prompts = [p["prompt"] for rows in self.data["safety"].values() for p in rows]
             out["refusal"] = refusal_control(refusal, REFUSAL, refusal_items(prompts, n, seed))
-        answers = answer_items(self.held_out, n, seed)
+        # relevance and quality items, then cross-source pairs (persona vs baseline answers, each side degraded)
+        answers = answer_items(self.held_out, n, seed) + cross_source_items(self.held_out, n // 2, seed)
         if answers and "mt_bench" in self.data:
             out["grade"] = grade_control(grader, MT_JUDGE, answers)
         if answers and "preference" in self.data:

@@ -21,6 +21,7 @@ from prism_lightning.bootstrap.degrade import KINDS, degrade
 from prism_lightning.bootstrap.judge import JUDGE_SYSTEM, PAIRWISE, PAIRWISE_CHOICES
 from prism_lightning.bootstrap.labels import accuracy
 from prism_lightning.bootstrap.protocols import decide_pairwise
+from prism_lightning.bootstrap.source_bias import bias_note, source_bias
 from prism_lightning.evaluation.judging import EvalJudge
 from prism_lightning.model.choices import ChoiceReader, LogprobFn
 
@@ -64,13 +65,38 @@ def answer_items(held_out: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def cross_source_items(held_out: Sequence[dict], n: int, seed: int = 0) -> list[dict]:
+    """Up to ``n`` pairs of cross-source items from held-out corpus items: the intact persona answer against a
+    degraded baseline answer (``cross_persona``), and the intact baseline answer against a degraded persona answer
+    (``cross_baseline``), degradations in turn. A judge that prefers one source whatever the quality fails one."""
+    items = [i for i in held_out if i.get("baseline_answer", "").strip() and i.get("persona_answer", "").strip()]
+    if len(items) < 2:
+        return []
+    rng = random.Random(seed + 1)
+    chosen = rng.sample(items, min(n, len(items)))
+    out = []
+    for k, item in enumerate(chosen):
+        other, kind = chosen[(k + 1) % len(chosen)], KINDS[k % len(KINDS)]
+        out.append({"question": item["query"], "good": item["persona_answer"], "kind": "cross_persona",
+                    "worse": degrade(item["baseline_answer"], kind, other["baseline_answer"], seed=k)})
+        out.append({"question": item["query"], "good": item["baseline_answer"], "kind": "cross_baseline",
+                    "worse": degrade(item["persona_answer"], kind, other["persona_answer"], seed=k)})
+    return out
+
+
 def _summary(correct: torch.Tensor, unreadable: int, kinds: Sequence[str] = ()) -> dict:
-    """Accuracy with interval, unreadable count, the chance mark, and per-kind accuracies where kinds are given."""
-    out = {**accuracy(correct), "unreadable": unreadable}
+    """Accuracy with interval over the relevance and quality items, unreadable count, the chance mark, per-kind
+    accuracies where kinds are given, and the cross-source verdict when both directions were judged."""
+    plain = torch.tensor([not k.startswith("cross_") for k in kinds], dtype=torch.bool) if kinds else None
+    out = {**accuracy(correct if plain is None else correct[plain]), "unreadable": unreadable}
     out["at_chance"] = out["control_n"] == 0 or out["control_ci95"][0] <= 0.5
     if kinds:
         out["by_kind"] = {kind: accuracy(correct[torch.tensor([k == kind for k in kinds])])
                           for kind in dict.fromkeys(kinds)}
+        directions = {f"{kind}_{key[len('control_'):]}": value for kind in ("cross_persona", "cross_baseline")
+                      for key, value in out["by_kind"].get(kind, {}).items()}
+        if directions:
+            out["cross_source"] = {**directions, "source_bias": source_bias(directions)}
     return out
 
 
@@ -113,4 +139,7 @@ def judge_line(name: str, control: dict) -> str:
     acc, (low, high), n = control["control_accuracy"], control["control_ci95"], control["control_n"]
     mark = (" AT CHANCE: the scores it produced cannot be told from noise." if control["at_chance"]
             else " Above chance.")
-    return f"{name} judge control accuracy {acc:.0%} (95% CI {low:.0%}–{high:.0%}, n = {n}).{mark}"
+    line = f"{name} judge control accuracy {acc:.0%} (95% CI {low:.0%}–{high:.0%}, n = {n}).{mark}"
+    if control.get("cross_source"):
+        line += f" Cross-source: {bias_note(control['cross_source'])}."
+    return line
