@@ -449,16 +449,17 @@ def test_a_checkpoint_inside_an_epoch_resumes_at_the_next_batch_of_the_same_draw
 
 
 # --------------------------------------------------------------------------- config files and keys, via the real CLI
-def _cli_error(args: list[str], cwd: Path) -> list[str]:
-    out = subprocess.run([*PRISM, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                         env={**os.environ, "TERM": "dumb"})
-    assert out.returncode == 2, out.stderr[-3000:]
-    lines = [line for line in out.stderr.splitlines() if line.startswith("error")]
-    assert not any(line.startswith(("usage:", "Traceback", "tip:")) for line in out.stderr.splitlines()), out.stderr
-    return lines
+def _cli_error(args: list[str], capsys) -> list[str]:
+    """The real CLI (in process, as `prism` runs it): exit 2, no usage, no traceback; the ``error:`` lines."""
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert not any(line.startswith(("usage:", "Traceback", "tip:")) for line in err.splitlines()), err
+    return [line for line in err.splitlines() if line.startswith("error")]
 
 
-def test_config_mistakes_are_one_line_with_no_usage_dump(tiny_model, tmp_path):
+def test_config_mistakes_are_one_line_with_no_usage_dump(tiny_model, tmp_path, capsys, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)
     config = fit_config(tmp_path, tiny_model, corpus)
     (tmp_path / "syntax.yaml").write_text("data:\n  batch_size: [1\n")
@@ -482,8 +483,10 @@ def test_config_mistakes_are_one_line_with_no_usage_dump(tiny_model, tmp_path):
          f"file not found: {tmp_path / 'missing.jsonl'}"),
         (["fit", "--config", str(config), "--config", "badprobes.yaml"], f"{tmp_path / 'probes.jsonl'}:1:"),
     ]
+    monkeypatch.chdir(tmp_path)
     for args, expected in cases:
-        lines = _cli_error(args, tmp_path)
+        lines = _cli_error(args, capsys)
         assert len(lines) == 1 and expected in lines[0], (args, lines)
-    help_out = subprocess.run([*PRISM, "fit", "--help"], capture_output=True, text=True, timeout=600)
-    assert help_out.returncode == 0 and "usage:" in help_out.stdout
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--help"])
+    assert done.value.code == 0 and "usage:" in capsys.readouterr().out  # --help still prints the usage
