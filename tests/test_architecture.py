@@ -84,7 +84,9 @@ def test_shipped_configs_and_docs_use_the_new_paths():
     old_paths = {f"prism_lightning.{old}" for old in MOVED}
     files = [*(ROOT / "configs").rglob("*.yaml"), ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
     for file in files:
-        text = file.read_text(encoding="utf-8")
+        # the README's sentence on the deprecation names the old paths on purpose
+        text = "\n".join(line for line in file.read_text(encoding="utf-8").splitlines()
+                         if "before this layout" not in line and "still work in YAML until 0.3" not in line)
         for old in old_paths:
             for hit in (i for i in range(len(text)) if text.startswith(old, i)):
                 following = text[hit + len(old):hit + len(old) + 1]

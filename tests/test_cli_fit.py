@@ -111,13 +111,14 @@ def test_strategy_fragments_compose(strategy, capsys):
 
 
 def test_full_benchmark_fragment_composes(capsys):
-    """configs/benchmark/full.yaml on top of a run config: the shared benchmark files, MMLU n = 1000, bfloat16."""
+    """configs/benchmark/full.yaml on top of a run config: the shipped benchmark files, MMLU n = 1000, bfloat16."""
     with pytest.raises(SystemExit):
         main(["test", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config",
               str(ROOT / "configs" / "benchmark" / "full.yaml"), "--print_config"])
     data = yaml.safe_load(capsys.readouterr().out)["data"]
     assert data["backbone"]["dtype"] == "bfloat16" and data["benchmark"]["mmlu_n"] == 1000
-    assert data["benchmark"]["mt_bench"].endswith("mt_bench_questions.jsonl")
+    assert data["benchmark"]["mt_bench"] == "builtin:mt_bench" and data["benchmark"]["harmbench"] == "builtin:harmbench"
+    assert data["benchmark"]["prompt_sets"] == {"jailbreak": "builtin:jailbreak"}
     assert data["personas"]["names"] == ["all"]  # the run config's keys survive the merge
 
 

@@ -1182,9 +1182,11 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
     config = BenchmarkConfig(mmlu=str(cais), mmlu_n=None, preference_n=2, decoding=DecodingConfig(max_new_tokens=3),
                              batch_size=8, **files)
     held_out = [{"query": "What is PRISM?", "label": 1,
-                 "baseline_answer": "A method that distills a persona into a gated adapter. It routes queries."},
+                 "baseline_answer": "A method that distills a persona into a gated adapter. It routes queries.",
+                 "persona_answer": "PRISM self-distills an expert persona. A gate decides when the adapter runs."},
                 {"query": "Explain LoRA.", "label": 0,
-                 "baseline_answer": "LoRA adds low-rank updates to weight matrices. Only they are trained."}]
+                 "baseline_answer": "LoRA adds low-rank updates to weight matrices. Only they are trained.",
+                 "persona_answer": "LoRA freezes the weights. It trains a low-rank update beside each matrix."}]
     run = BenchmarkRun(config, registry, held_out,
                        {"control_accuracy": 0.75, "control_n": 12})
     for unit in run.units():
@@ -1243,8 +1245,10 @@ def test_benchmark_run_end_to_end(tmp_path, registry, gated):
     controls = metrics["judge_controls"]
     assert set(controls) == {"refusal", "grade", "preference"}
     assert controls["refusal"]["control_n"] + controls["refusal"]["unreadable"] == 10
-    assert controls["preference"]["control_n"] == 2 and set(controls["preference"]["by_kind"]) == {"relevance",
-                                                                                                   "shuffle"}
+    assert controls["preference"]["control_n"] == 2 and set(controls["preference"]["by_kind"]) == {
+        "relevance", "shuffle", "cross_persona", "cross_baseline"}  # cross-source pairs never count in control_n
+    assert set(controls["preference"]["cross_source"]) >= {"cross_persona_accuracy", "cross_baseline_accuracy",
+                                                          "source_bias"}
     assert all(c["at_chance"] == (c["control_n"] == 0 or c["control_ci95"][0] <= 0.5) for c in controls.values())
     assert "| judge control accuracy |" in (tmp_path / "report" / "report.md").read_text()
 
