@@ -181,7 +181,7 @@ def test_unknown_model_path_is_one_clear_line(tmp_path):
 def test_missing_persona_file_is_one_clear_line(tmp_path):
     result = run(write_config(tmp_path), "--data.personas.files", json.dumps({"rag": str(tmp_path / "nope.txt")}))
     assert result.returncode == 2
-    assert "data.personas.files.rag" in result.stderr and "not found" in result.stderr
+    assert "data.personas.files: file not found: " + str(tmp_path / "nope.txt") in result.stderr
 
 
 def test_malformed_corpus_line_names_file_and_line(resumed_corpus, tmp_path):

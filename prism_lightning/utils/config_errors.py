@@ -22,8 +22,8 @@ def one_line(message: str) -> str:
     key = keys[-1] if keys else None
     missing = _MISSING_FILE.search(text)
     if missing:
-        return (f"{key or 'config'}: file not found: {missing.group(1)} (a path in a config file is relative to "
-                f"that file)")
+        return (f"{key or 'config'}: file not found: {missing.group(1)} (a relative path is read from the folder "
+                f"of the config file that names it, or from the working directory on the command line)")
     unexpected = re.search(r'Key "([^"]+)" is not expected', text)
     group = re.search(r"(Group|Subcommand) '([^']+)' does not accept option '([^']+)'", text)
     if unexpected or group:
