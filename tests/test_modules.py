@@ -479,7 +479,7 @@ def test_the_teacher_runs_only_on_rows_that_have_loss_tokens_and_gives_the_same_
     args = (tiny_batch["teacher_ids"], tiny_batch["teacher_mask"], tiny_batch["teacher_pos"], mask)
     values, index = module.teacher_targets(*args)
     assert seen == [1]  # one of the two rows is a retain row: no teacher forward for it
-    monkeypatch.setattr("prism_lightning.training.modules.student.world_size", lambda: 2)  # several ranks: every row
+    monkeypatch.setattr("prism_lightning.training.modules.teacher_pass.world_size", lambda: 2)  # several ranks
     all_values, all_index = module.teacher_targets(*args)
     assert seen == [1, 2]
     torch.testing.assert_close(values, all_values, rtol=1e-5, atol=1e-5)
@@ -495,6 +495,7 @@ def test_with_several_ranks_a_batch_without_loss_tokens_still_runs_the_teacher(t
     calls = []
     targets = module.teacher_targets
     monkeypatch.setattr(module, "teacher_targets", lambda *a: calls.append(1) or targets(*a))
-    monkeypatch.setattr("prism_lightning.training.modules.student.world_size", lambda: 2)
+    for part in ("teacher_pass", "distill_loss"):  # the teacher pass and the loss wiring both ask
+        monkeypatch.setattr(f"prism_lightning.training.modules.{part}.world_size", lambda: 2)
     out = module.distill_loss(batch, module.student_hidden(batch))
     assert calls == [1] and out["kl"].item() == 0.0 and out["kl"].requires_grad
