@@ -54,8 +54,9 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
             "root = pathlib.Path(prism_lightning.__file__).parent\n"
             "data = sorted(p.name for p in (root / 'model' / 'templates').glob('*.jinja'))\n"
             "domains = sorted(p.name for p in (root / 'contexts' / 'data').glob('*.yaml'))\n"
+            "benchmarks = sorted(p.name for p in (root / 'evaluation' / 'data').rglob('*') if p.is_file())\n"
             "print(json.dumps({'file': prism_lightning.__file__, 'modules': names, 'templates': data,\n"
-            "                  'domains': domains}))")
+            "                  'domains': domains, 'benchmarks': benchmarks}))")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -67,6 +68,8 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
     assert result["templates"] == sorted(p.name for p in (ROOT / "prism_lightning" / "model" / "templates").glob("*.jinja"))
     assert result["templates"], "package data (chat templates) missing from the wheel"
     assert result["domains"] == ["domains.yaml"], "package data (persona domains) missing from the wheel"
+    shipped = sorted(p.name for p in (ROOT / "prism_lightning" / "evaluation" / "data").rglob("*") if p.is_file())
+    assert result["benchmarks"] == shipped and len(shipped) == 7, "benchmark files or licences missing from the wheel"
     help_out = subprocess.run([str(wheel_env / "bin" / "prism"), "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]
