@@ -113,13 +113,15 @@ print(json.dumps({{"routes": [r.get("adapter") for r in mixed], "same": [a["text
     ("unknown adapter context", "data.adapters.memory: unknown context 'diary'"),
 ])
 def test_bad_context_inputs_end_in_one_line(tmp_path, case, message):
-    contexts = [{"kind": "memory", "path": "configs/contexts/memory/memory.txt", "name": "user_memory"}]
+    # a path written in a config file is read from that file's folder: the overlay lives in tmp_path
+    contexts = [{"kind": "memory", "path": str(ROOT / "configs/contexts/memory/memory.txt"), "name": "user_memory"}]
     data: dict = {"personas": {"names": [], "contexts": contexts}}
     if case == "empty":
         (tmp_path / "empty.txt").write_text("\n")
         contexts[0]["path"] = str(tmp_path / "empty.txt")
     elif case == "same name":
-        contexts.append({"kind": "tools", "path": "configs/contexts/tools/tools.json", "name": "user_memory"})
+        contexts.append({"kind": "tools", "path": str(ROOT / "configs/contexts/tools/tools.json"),
+                         "name": "user_memory"})
     else:
         data["adapters"] = {"memory": ["diary"]}
     result = prism("fit", "--config", "configs/contexts/memory.yaml", "--config",
