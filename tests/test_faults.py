@@ -267,11 +267,11 @@ def test_a_diverged_checkpoint_fails_validate(trained, capsys):
     ("--data.val_fraction", "1.5", "data.val_fraction: must lie in (0, 1), got 1.5"),
     ("--data.judge.batch_size", "0", "data.judge.batch_size: must be at least 1"),
     ("--data.queries.decoding.batch_size", "0", "data.queries.decoding.batch_size: must be at least 1"),
-    ("--model.init_args.lr", "-1", "model.init_args.lr: must lie in (0, 1], got -1.0"),
+    ("--model.init_args.lr", "-1", "model.init_args.lr: must lie in (0, inf), got -1.0"),
     ("--model.init_args.lora.rank", "0", "model.init_args.lora.rank: must be at least 1, got 0"),
     # T = 0 would divide the logits by zero and surface mid-training as a "non-finite loss".
     ("--model.init_args.temperature", "0", "model.init_args.temperature: must lie in (0, inf), got 0.0"),
-    ("--model.init_args.gate_lr", "0", "model.init_args.gate_lr: must lie in (0, 1], got 0.0"),
+    ("--model.init_args.gate_lr", "0", "model.init_args.gate_lr: must lie in (0, inf), got 0.0"),
 ])
 def test_bad_numbers_name_their_key(tiny_model, tmp_path, capsys, key, value, expected):
     corpus = write_corpus(tmp_path / "corpus", [1, 0] * 4)

@@ -101,7 +101,9 @@ def test_the_study_writes_json_report_and_figures(resumed_study):
         for key, n in cell["counts"].items():
             assert n + cell["unreadable"].get(key, 0) >= 1 and len(cell["intervals"][key]) == 2
     effect = study["effects"]["Safety/HarmBench"]["matched/full/system"]
-    assert set(effect) == {"relative", "relative_ci95", "absolute", "absolute_ci95", "n"}
+    required = {"relative", "relative_ci95", "absolute", "absolute_ci95", "n"}
+    # an interval that cannot be computed is None, with the reason beside it
+    assert required <= set(effect) <= required | {"relative_no_interval", "absolute_no_interval"}
     assert set(study["placement"]["MMLU/STEM"]) == {"system", "user"}
     assert study["control"]["MT-Bench/writing"]["others"] == 1  # math is not writing's persona
     report = (directory / "report.md").read_text()

@@ -58,7 +58,7 @@ def check_data(data: Any, benchmark: Optional[Any] = None) -> None:
 def check_distillation(hp: Any, lora: Any) -> None:
     """The student's numbers: learning rate, LoRA shape, temperature, top-k, loss weights (``model.init_args.*``)."""
     key = "model.init_args"
-    between(f"{key}.lr", hp.get("lr"), 0, 1, low_open=True)
+    between(f"{key}.lr", hp.get("lr"), 0, float("inf"), low_open=True, high_open=True)
     between(f"{key}.weight_decay", hp.get("weight_decay"), 0, 1)
     between(f"{key}.warmup_ratio", hp.get("warmup_ratio"), 0, 1, high_open=True)
     at_least(f"{key}.lora.rank", lora.rank, 1)
@@ -75,7 +75,7 @@ def check_distillation(hp: Any, lora: Any) -> None:
 def check_gate(hp: Any) -> None:
     """The gate's numbers (``model.init_args.*``)."""
     key = "model.init_args"
-    between(f"{key}.gate_lr", hp.get("gate_lr"), 0, 1, low_open=True)
+    between(f"{key}.gate_lr", hp.get("gate_lr"), 0, float("inf"), low_open=True, high_open=True)
     at_least(f"{key}.gate_weight", hp.get("gate_weight"), 0)
     between(f"{key}.threshold", hp.get("threshold"), 0, 1, low_open=True, high_open=True)
     if not hp.get("gate_dims") or any(d < 1 for d in hp.get("gate_dims")):
