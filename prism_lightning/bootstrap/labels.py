@@ -61,7 +61,8 @@ def control_pairs(queries: list[dict], n: int, seed: int = 0) -> list[tuple[dict
     return pairs
 
 
-def _text(answers: Optional[dict], qid: str, name: str) -> str:
+def answer_text(answers: Optional[dict], qid: str, name: str) -> str:
+    """The stored answer of query ``qid`` under ``name`` (``""`` when only the keys are wanted)."""
     return answers[qid][name] if answers is not None else ""
 
 
@@ -69,15 +70,15 @@ def main_comparisons(queries: list[dict], candidates: dict[str, list[str]],
                      answers: Optional[dict] = None) -> list[Comparison]:
     """Each persona answer against the same query's baseline answer."""
     return [Comparison(f"{q['id']}/{name}", q["query"], f"{q['id']}/{name}", f"{q['id']}/{BASELINE}",
-                       _text(answers, q["id"], name), _text(answers, q["id"], BASELINE))
+                       answer_text(answers, q["id"], name), answer_text(answers, q["id"], BASELINE))
             for q in queries for name in candidates[q["id"]]]
 
 
 def relevance_comparisons(pairs: Sequence[tuple[dict, dict]], answers: Optional[dict] = None) -> list[Comparison]:
     """Each control query's own baseline answer against another query's (the judge must prefer its own)."""
     return [Comparison(f"control/{q['id']}/{o['id']}", q["query"], f"{q['id']}/{BASELINE}",
-                       f"control/{q['id']}/{o['id']}", _text(answers, q["id"], BASELINE),
-                       _text(answers, o["id"], BASELINE)) for q, o in pairs]
+                       f"control/{q['id']}/{o['id']}", answer_text(answers, q["id"], BASELINE),
+                       answer_text(answers, o["id"], BASELINE)) for q, o in pairs]
 
 
 def quality_kind(index: int) -> str:
@@ -89,8 +90,9 @@ def quality_comparisons(pairs: Sequence[tuple[dict, dict]], answers: Optional[di
     """Each control query's own baseline answer against a degraded copy of it (the other query donates a span)."""
     out = []
     for k, (q, o) in enumerate(pairs):
-        own = _text(answers, q["id"], BASELINE)
-        bad = degrade(own, quality_kind(k), _text(answers, o["id"], BASELINE), seed=k) if answers is not None else ""
+        own = answer_text(answers, q["id"], BASELINE)
+        donor = answer_text(answers, o["id"], BASELINE)
+        bad = degrade(own, quality_kind(k), donor, seed=k) if answers is not None else ""
         out.append(Comparison(f"quality/{q['id']}", q["query"], f"{q['id']}/{BASELINE}", f"quality/{q['id']}",
                               own, bad))
     return out

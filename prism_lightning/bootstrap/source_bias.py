@@ -18,13 +18,16 @@ import torch
 from prism_lightning.bootstrap.answers import BASELINE
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.degrade import degrade
-from prism_lightning.bootstrap.labels import Comparison, accuracy, decide, main_comparisons, quality_kind
+from prism_lightning.bootstrap.labels import (
+    Comparison,
+    accuracy,
+    answer_text,
+    decide,
+    main_comparisons,
+    quality_kind,
+)
 
 VERSION = 1  # part of the judge stage's hash: a change here rescores
-
-
-def _text(answers: Optional[dict], qid: str, name: str) -> str:
-    return answers[qid][name] if answers is not None else ""
 
 
 def cross_comparisons(pairs: Sequence[tuple[dict, dict]], candidates: dict[str, list[str]],
@@ -38,9 +41,10 @@ def cross_comparisons(pairs: Sequence[tuple[dict, dict]], candidates: dict[str, 
     for k, (q, o) in enumerate(pairs):
         persona, donor_persona = candidates[q["id"]][0], candidates[o["id"]][0]
         kind = quality_kind(k)
-        base, own = _text(answers, q["id"], BASELINE), _text(answers, q["id"], persona)
-        bad_base = degrade(base, kind, _text(answers, o["id"], BASELINE), seed=k) if answers is not None else ""
-        bad_own = degrade(own, kind, _text(answers, o["id"], donor_persona), seed=k) if answers is not None else ""
+        base, own = answer_text(answers, q["id"], BASELINE), answer_text(answers, q["id"], persona)
+        donors = answer_text(answers, o["id"], BASELINE), answer_text(answers, o["id"], donor_persona)
+        bad_base = degrade(base, kind, donors[0], seed=k) if answers is not None else ""
+        bad_own = degrade(own, kind, donors[1], seed=k) if answers is not None else ""
         out.append(Comparison(f"cross_persona/{q['id']}", q["query"], f"{q['id']}/{persona}", f"quality/{q['id']}",
                               own, bad_base))
         out.append(Comparison(f"cross_baseline/{q['id']}", q["query"], f"{q['id']}/{BASELINE}",
