@@ -300,7 +300,9 @@ class PrismCLI(LightningCLI):
         kl_final = metrics.get("val/kl")
         console.print(distillation_line(getattr(self.model, "kl_at_init", None), kl_final, self.trainer.current_epoch))
         if len(held["labels"]):
-            console.print(gate_verdict(held["logits"], held["labels"], float(self.model.gate.temperature)).text)
+            reliability = (corpus.manifest.get("labels") or {}) if corpus is not None else None
+            console.print(gate_verdict(held["logits"], held["labels"], float(self.model.gate.temperature),
+                                       reliability).text)
             if len(self.model.adapter_names) > 1:
                 console.print(adapter_choice_line(held, self.model.adapter_names))
         console.print(f"export: {out}  (load with prism_lightning.GatedModel.from_pretrained)")

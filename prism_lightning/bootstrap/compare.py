@@ -9,6 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from prism_lightning.bootstrap.answers import sample_key
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.labels import (
     PROTOCOLS,
@@ -23,28 +24,30 @@ from prism_lightning.bootstrap.labels import (
 from prism_lightning.bootstrap.source_bias import cross_source_accuracy
 
 
-def _query_labels(queries: list[dict], candidates: dict[str, list[str]], comparisons, labels: torch.Tensor):
-    """A query is distilled when any of its persona answers wins (as ``label_queries`` decides)."""
+def _query_labels(queries: list[dict], candidates: dict[str, list[str]], comparisons, labels: torch.Tensor,
+                  samples: int = 1):
+    """A query is distilled when one of its personas wins more than half its pairs (as ``label_queries`` decides)."""
     won = {c.id for c, lab in zip(comparisons, labels.tolist()) if lab}
-    return torch.tensor([any(f"{q['id']}/{n}" in won for n in candidates[q["id"]]) for q in queries])
+    return torch.tensor([any(sum(f"{q['id']}/{sample_key(n, i)}" in won for i in range(samples)) > samples / 2
+                             for n in candidates[q["id"]]) for q in queries])
 
 
 def compare_protocols(queries: list[dict], candidates: dict[str, list[str]], pairs: list[tuple[dict, dict]],
-                      scores_by_kind: dict[str, dict], config: JudgeConfig) -> dict:
+                      scores_by_kind: dict[str, dict], config: JudgeConfig, samples: int = 1) -> dict:
     """Per protocol: both control accuracies and both cross-source directions with intervals, the share of corpus
     pairs preferring the baseline, distill rate, position bias, unreadable verdicts;
     and the share of queries on which each two protocols give the same label. All at margin 0, where every
     protocol's decision means "the persona answer is better"."""
     config = replace(config, margin=0.0)
-    comparisons = main_comparisons(queries, candidates)
+    comparisons = main_comparisons(queries, candidates, samples=samples)
     rows, labels = {}, {}
     for protocol in PROTOCOLS:
         scores = scores_by_kind[SCORER[protocol]]
         d = decide(protocol, comparisons, scores, config)
-        labels[protocol] = _query_labels(queries, candidates, comparisons, d.label)
+        labels[protocol] = _query_labels(queries, candidates, comparisons, d.label, samples)
         row = {**judge_statistics(protocol, d), **control_accuracy(pairs, scores, config, protocol),
                **quality_accuracy(pairs, scores, config, protocol),
-               **cross_source_accuracy(pairs, candidates, queries, scores, config, protocol),
+               **cross_source_accuracy(pairs, candidates, queries, scores, config, protocol, samples),
                "distill_rate": round(float(labels[protocol].float().mean()), 4) if queries else None}
         row["verdict"] = controls_verdict(row)
         rows[protocol] = row

@@ -51,6 +51,20 @@ class AnswerConfig:
 
 
 @dataclass(frozen=True)
+class LabelConfig:
+    """How many judged pairs make one query's label.
+
+    Args:
+        samples: m answers per condition (baseline and persona) per query, sampled in the same batches; pair i
+            (persona sample i vs baseline sample i) is judged as one pair. The label is the estimated probability
+            that the persona answer wins (hard label: above 0.5), and with m >= 2 the labels' split-half
+            reliability is measured. 1 (default) is the paper's one pair per query.
+    """
+
+    samples: int = 1
+
+
+@dataclass(frozen=True)
 class JudgeConfig:
     """Stage 3: self-verification of persona answer vs baseline answer.
 

@@ -12,7 +12,7 @@ from typing import Any
 from prism_lightning.bootstrap import degrade, source_bias
 from prism_lightning.bootstrap.answers import answer_personas, run_answers
 from prism_lightning.bootstrap.compare import compare_protocols
-from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, LabelConfig, QueryConfig
 from prism_lightning.bootstrap.judge import Judge, verdict_sequences
 from prism_lightning.bootstrap.labels import (
     SCORER,
@@ -104,10 +104,12 @@ class CorpusBuilder:
     """Stages 1–3 on one backbone; each stage's file is named by the hash of everything it depends on."""
 
     def __init__(self, backbone: BackboneConfig, personas: PersonaConfig, queries: QueryConfig,
-                 answers: AnswerConfig, judge: JudgeConfig, placement: Placement, directory: Path) -> None:
+                 answers: AnswerConfig, judge: JudgeConfig, placement: Placement, directory: Path,
+                 labels: LabelConfig = LabelConfig()) -> None:
         self.backbone_config = backbone
         self.registry = PersonaRegistry.from_config(personas)
         self.queries, self.answers, self.judge = queries, answers, judge
+        self.samples = labels.samples
         self.placement = placement
         self.directory = Path(directory)
 
@@ -128,7 +130,9 @@ class CorpusBuilder:
         # Every prompt is rendered through the chat template (and its variables): a new template is a new stage.
         h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
                                 personas, self.queries)
-        h_answers = stable_hash(h_queries, self.answers, self.placement)
+        # One sample hashes as before m existed, so existing corpora stay valid.
+        h_answers = stable_hash(h_queries, self.answers, self.placement,
+                                *([{"samples": self.samples}] if self.samples > 1 else []))
         hashes = {"queries": h_queries, "answers": h_answers}
         for k, kind in enumerate(self.scorer_kinds()):
             # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
@@ -167,13 +171,14 @@ class CorpusBuilder:
         start = time.perf_counter()
         formatter = ChatFormatter(backbone.tokenizer, self.placement)
         answers = run_answers(backbone, formatter, self.registry, queries, self.answers,
-                              ShardedSink(stages / f"answers-{hashes['answers']}.jsonl", shard))
+                              ShardedSink(stages / f"answers-{hashes['answers']}.jsonl", shard), self.samples)
         timings["answers"] = time.perf_counter() - start
 
         start = time.perf_counter()
         candidates = {q["id"]: answer_personas(q, self.registry, self.answers) for q in queries}
         controls = control_pairs(queries, self.judge.control_pairs)
-        comparisons = (main_comparisons(queries, candidates, answers) + relevance_comparisons(controls, answers)
+        comparisons = (main_comparisons(queries, candidates, answers, self.samples)
+                       + relevance_comparisons(controls, answers)
                        + quality_comparisons(controls, answers) + cross_comparisons(controls, candidates, answers))
         judge = Judge(judge_backbone, self.judge)
         by_kind = {}
@@ -182,15 +187,19 @@ class CorpusBuilder:
             judge.score(kind, scoring_items(kind, comparisons), sink)
             by_kind[kind] = {r["id"]: r for r in sink.records()}
         scores = by_kind[SCORER[self.judge.protocol]]
-        items, stats = label_queries(queries, candidates, answers, scores, self.judge)
+        items, stats = label_queries(queries, candidates, answers, scores, self.judge, self.samples)
         stats.update(control_accuracy(controls, scores, self.judge))
         stats.update(quality_accuracy(controls, scores, self.judge))
-        stats.update(cross_source_accuracy(controls, candidates, queries, scores, self.judge))
+        stats.update(cross_source_accuracy(controls, candidates, queries, scores, self.judge,
+                                           samples=self.samples))
         timings["judge"] = time.perf_counter() - start
 
+        reliability = stats.pop("reliability")
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
+        manifest["labels"] = reliability
         if self.judge.compare:
-            manifest["judge_compare"] = compare_protocols(queries, candidates, controls, by_kind, self.judge)
+            manifest["judge_compare"] = compare_protocols(queries, candidates, controls, by_kind, self.judge,
+                                                          self.samples)
         manifest["seconds"], manifest["world_size"] = self._reused_stage_facts(hashes, manifest["seconds"],
                                                                               shard.world)
 
@@ -236,7 +245,8 @@ class CorpusBuilder:
             "format_version": FORMAT_VERSION,
             "model": backbone.reference,
             "config_hash": stable_hash(self.backbone_config, self.registry.names, self.queries, self.answers,
-                                       self.judge, self.placement),
+                                       self.judge, self.placement,
+                                       *([{"samples": self.samples}] if self.samples > 1 else [])),
             "stages": hashes,
             "placement": self.placement,
             "answer_mode": self.answers.mode,

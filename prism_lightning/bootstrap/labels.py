@@ -15,9 +15,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from prism_lightning.bootstrap.answers import BASELINE
+from prism_lightning.bootstrap.answers import BASELINE, sample_key
 from prism_lightning.bootstrap.config import JudgeConfig
 from prism_lightning.bootstrap.degrade import KINDS, degrade
+from prism_lightning.bootstrap.reliability import label_reliability
 from prism_lightning.bootstrap.protocols import (
     PairwiseDecision,
     decide_pairwise,
@@ -67,11 +68,16 @@ def answer_text(answers: Optional[dict], qid: str, name: str) -> str:
 
 
 def main_comparisons(queries: list[dict], candidates: dict[str, list[str]],
-                     answers: Optional[dict] = None) -> list[Comparison]:
-    """Each persona answer against the same query's baseline answer."""
-    return [Comparison(f"{q['id']}/{name}", q["query"], f"{q['id']}/{name}", f"{q['id']}/{BASELINE}",
-                       answer_text(answers, q["id"], name), answer_text(answers, q["id"], BASELINE))
-            for q in queries for name in candidates[q["id"]]]
+                     answers: Optional[dict] = None, samples: int = 1) -> list[Comparison]:
+    """Each persona answer against the same query's baseline answer: sample i against sample i."""
+    out = []
+    for q in queries:
+        for name in candidates[q["id"]]:
+            for i in range(samples):
+                mine, base = sample_key(name, i), sample_key(BASELINE, i)
+                out.append(Comparison(f"{q['id']}/{mine}", q["query"], f"{q['id']}/{mine}", f"{q['id']}/{base}",
+                                      answer_text(answers, q["id"], mine), answer_text(answers, q["id"], base)))
+    return out
 
 
 def relevance_comparisons(pairs: Sequence[tuple[dict, dict]], answers: Optional[dict] = None) -> list[Comparison]:
@@ -146,21 +152,46 @@ def decide(protocol: str, comparisons: Sequence[Comparison], scores: dict[str, d
 
 
 def label_queries(queries: list[dict], candidates: dict[str, list[str]], answers: dict[str, dict[str, str]],
-                  scores: dict[str, dict], config: JudgeConfig) -> tuple[list[dict], dict]:
-    """Label every query and return (corpus items, judge statistics over the main pairs)."""
-    comparisons = main_comparisons(queries, candidates)
+                  scores: dict[str, dict], config: JudgeConfig, samples: int = 1) -> tuple[list[dict], dict]:
+    """Label every query from its ``samples`` judged pairs per persona; return (corpus items, judge statistics).
+
+    A persona's win probability is the share of its pairs it wins; the query's label is that of its best persona
+    (highest win probability, then mean margin) and is 1 when the probability exceeds 0.5. At one sample this is
+    the paper's single verdict. The persona and baseline answers kept for training are those of the pair that
+    decided most clearly (largest margin for a distill item, smallest for a retain item); with several samples
+    every pair is stored under ``samples``.
+    """
+    comparisons = main_comparisons(queries, candidates, samples=samples)
     d = decide(config.protocol, comparisons, scores, config)
     stats = judge_statistics(config.protocol, d)
     by_key = {c.id: (float(m), bool(lab)) for c, m, lab in zip(comparisons, d.margin.tolist(), d.label.tolist())}
-    items = []
+    items, wins = [], []
     for query in queries:
-        options = [(by_key[f"{query['id']}/{n}"], n) for n in candidates[query["id"]]]
-        (margin, label), best = max(options, key=lambda o: (o[0][1], o[0][0]))
-        items.append({"id": query["id"], "persona": query["persona"], "query": query["query"],
-                      "label": int(label), "target_persona": best, "margin": round(margin, 4),
-                      "baseline_answer": answers[query["id"]][BASELINE],
-                      "persona_answer": answers[query["id"]][best],
-                      **({"intent": query["intent"]} if "intent" in query else {})})
+        qid = query["id"]
+        pairs = {name: [by_key[f"{qid}/{sample_key(name, i)}"] for i in range(samples)] for name in candidates[qid]}
+        win_probs = {name: sum(lab for _, lab in p) / samples for name, p in pairs.items()}
+        margins = {name: sum(m for m, _ in p) / samples for name, p in pairs.items()}
+        best = max(candidates[qid], key=lambda n: (win_probs[n], margins[n]))
+        label = win_probs[best] > 0.5
+        pick = max if label else min
+        chosen = pick(range(samples), key=lambda i: pairs[best][i][0])
+        wins.append([sum(pairs[n][i][1] for n in pairs) / len(pairs) for i in range(samples)])
+        item = {"id": qid, "persona": query["persona"], "query": query["query"], "label": int(label),
+                "target_persona": best, "margin": round(margins[best], 4), "win_prob": round(win_probs[best], 4),
+                "baseline_answer": answers[qid][sample_key(BASELINE, chosen)],
+                "persona_answer": answers[qid][sample_key(best, chosen)],
+                **({"intent": query["intent"]} if "intent" in query else {})}
+        if len(pairs) > 1:
+            item["win_probs"] = {name: round(p, 4) for name, p in win_probs.items()}
+        if samples > 1:
+            item["sample"] = chosen
+            item["samples"] = [{"baseline_answer": answers[qid][sample_key(BASELINE, i)],
+                                "persona_answers": {n: answers[qid][sample_key(n, i)] for n in pairs},
+                                "verdicts": {n: {"label": int(pairs[n][i][1]), "margin": round(pairs[n][i][0], 4)}
+                                             for n in pairs}} for i in range(samples)]
+        items.append(item)
+    positive = sum(i["label"] for i in items) / len(items) if items else None
+    stats["reliability"] = label_reliability(wins, positive)
     return items, stats
 
 

@@ -66,9 +66,9 @@ def source_bias(directions: dict) -> Optional[str]:
 
 def cross_source_accuracy(pairs: Sequence[tuple[dict, dict]], candidates: dict[str, list[str]],
                           queries: Sequence[dict], scores: dict[str, dict], config: JudgeConfig,
-                          protocol: Optional[str] = None) -> dict:
-    """Both directions' accuracies (Wilson intervals), the protocol's share of corpus pairs that prefer the
-    baseline answer, and ``source_bias`` (None, ``baseline`` or ``persona``)."""
+                          protocol: Optional[str] = None, samples: int = 1) -> dict:
+    """Both directions' accuracies (Wilson intervals), the protocol's share of corpus pairs (every sample's) that
+    prefer the baseline answer, and ``source_bias`` (None, ``baseline`` or ``persona``)."""
     protocol = protocol or config.protocol
     comparisons = cross_comparisons(pairs, candidates)
     if comparisons:
@@ -76,7 +76,7 @@ def cross_source_accuracy(pairs: Sequence[tuple[dict, dict]], candidates: dict[s
     else:
         correct = torch.zeros(0, dtype=torch.bool)
     out = {**accuracy(correct[0::2], "cross_persona"), **accuracy(correct[1::2], "cross_baseline")}
-    main = main_comparisons(list(queries), candidates)
+    main = main_comparisons(list(queries), candidates, samples=samples)
     margins = decide(protocol, main, scores, config).margin if main else torch.zeros(0)
     out["prefers_baseline"] = round(float((margins < 0).double().mean()), 4) if len(margins) else None
     out["source_bias"] = source_bias(out)

@@ -51,3 +51,26 @@ def route_loss(adapter_logits: torch.Tensor, routes: torch.Tensor) -> torch.Tens
         return nn.functional.binary_cross_entropy_with_logits(adapter_logits.squeeze(-1), routes.float())
     full = torch.cat([torch.zeros_like(adapter_logits[:, :1]), adapter_logits], dim=-1)
     return nn.functional.cross_entropy(full, routes.long())
+
+
+def soft_route_loss(adapter_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution over (none, adapter 1..K) [B, K + 1], the none logit at 0.
+
+    With K = 1 it is the binary cross-entropy of the open logit against the target's open probability; with
+    one-hot targets it equals ``route_loss``.
+    """
+    if adapter_logits.shape[-1] == 1:
+        return nn.functional.binary_cross_entropy_with_logits(adapter_logits.squeeze(-1), targets[:, 1].float())
+    full = torch.cat([torch.zeros_like(adapter_logits[:, :1]), adapter_logits], dim=-1)
+    return nn.functional.cross_entropy(full, targets.float())
+
+
+def soft_targets(win_probs: dict[int, float], outputs: int) -> list[float]:
+    """The (none, adapter 1..K) target of one query from each adapter's win probability (index 0-based).
+
+    The gate should open as often as the best adapter wins: P(open) = max_k w_k, shared among the adapters in
+    proportion to their win probabilities. With K = 1 it is (1 - w, w).
+    """
+    w = [max(0.0, float(win_probs.get(k, 0.0))) for k in range(outputs)]
+    total, opened = sum(w), max(w, default=0.0)
+    return [1.0 - opened] + [opened * x / total if total > 0 else 0.0 for x in w]

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, QueryConfig
+from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, LabelConfig, QueryConfig
 from prism_lightning.bootstrap.corpus import Corpus, CorpusBuilder, check_both_classes, load_corpus
 from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.distributed.sharding import Shard
@@ -20,6 +20,7 @@ from prism_lightning.evaluation.benchmark import BenchmarkConfig, BenchmarkRun
 from prism_lightning.model.adapters import adapter_of
 from prism_lightning.model.backbone import BackboneConfig, load_backbone
 from prism_lightning.model.chat import ChatFormatter, Placement
+from prism_lightning.model.gate_mlp import soft_targets
 from prism_lightning.model.generation import right_pad
 from prism_lightning.model.prefix_states import shared_prefix_len
 from prism_lightning.training.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
@@ -75,7 +76,18 @@ class Collator:
         return {"student": student.input_ids[:student.prompt_len + n_resp], "s_start": student.prompt_len,
                 "teacher": teacher.input_ids[:teacher.prompt_len + n_resp], "t_start": teacher.prompt_len,
                 "t_prefix": shared, "n_resp": n_resp, "label": float(item["label"]), "id": item["id"],
-                "route": 1 + self.adapter_of.get(item["target_persona"], 0) if distill else 0}
+                "route": 1 + self.adapter_of.get(item["target_persona"], 0) if distill else 0,
+                "soft_route": self.soft_route(item)}
+
+    def soft_route(self, item: dict) -> list[float]:
+        """The item's (none, adapter 1..K) target from its win probabilities; a corpus without them: its label."""
+        outputs = 1 + max(self.adapter_of.values(), default=0)
+        per_persona = item.get("win_probs") or {item["target_persona"]: item.get("win_prob", float(item["label"]))}
+        per_adapter: dict[int, float] = {}
+        for name, p in per_persona.items():
+            k = self.adapter_of.get(name, 0)
+            per_adapter[k] = max(per_adapter.get(k, 0.0), p)
+        return soft_targets(per_adapter, outputs)
 
     def context_prefix(self, persona: Optional[str], placement: Optional[str] = None) -> list[int]:
         """The formatter's prefix for this persona and placement, computed once per collator."""
@@ -108,7 +120,8 @@ class Collator:
                  "teacher_prefix": torch.tensor([e["t_prefix"] for e in enc]),
                  "feature_pos": torch.tensor([e["s_start"] - 1 for e in enc]),
                  "label": torch.tensor([e["label"] for e in enc]), "ids": [e["id"] for e in enc],
-                 "route": torch.tensor([e["route"] for e in enc])}
+                 "route": torch.tensor([e["route"] for e in enc]),
+                 "soft_route": torch.tensor([e["soft_route"] for e in enc])}
         if self.teacher_cache is not None:
             batch.update(self.cached_targets(enc, r))
         return batch
@@ -134,6 +147,8 @@ class BootstrapDataModule(L.LightningDataModule):
         queries: stage 1 settings.
         answers: stage 2 settings.
         judge: stage 3 settings.
+        labels: judged pairs per query (``samples``): the label becomes a win probability whose reliability is
+            measured.
         placement: where the persona goes: ``system`` message or prepended to the ``user`` turn.
         corpus_dir: corpus location; default ``<trainer.default_root_dir>/corpus``.
         val_fraction: stratified held-out share for gate metrics.
@@ -157,7 +172,8 @@ class BootstrapDataModule(L.LightningDataModule):
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
                  queries: QueryConfig = QueryConfig(), answers: AnswerConfig = AnswerConfig(),
-                 judge: JudgeConfig = JudgeConfig(), placement: Placement = "system",
+                 judge: JudgeConfig = JudgeConfig(), labels: LabelConfig = LabelConfig(),
+                 placement: Placement = "system",
                  corpus_dir: Optional[str] = None, val_fraction: float = 0.2, batch_size: int = 4,
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
                  predict_file: Optional[InputFile] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
@@ -166,7 +182,7 @@ class BootstrapDataModule(L.LightningDataModule):
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
-        self.judge_config, self.placement = judge, placement
+        self.judge_config, self.label_config, self.placement = judge, labels, placement
         self.corpus_dir = corpus_dir
         self.val_fraction, self.batch_size, self.max_length = val_fraction, batch_size, max_length
         self.balance, self.seed = balance, seed
@@ -197,7 +213,7 @@ class BootstrapDataModule(L.LightningDataModule):
     def build_corpus(self, root: Optional[str] = None) -> Corpus:
         """Run or resume stages 1–3 (only the stages whose inputs changed do any work); every rank calls it."""
         builder = CorpusBuilder(self.backbone_config, self.persona_config, self.query_config, self.answer_config,
-                                self.judge_config, self.placement, self.resolve_corpus_dir(root))
+                                self.judge_config, self.placement, self.resolve_corpus_dir(root), self.label_config)
         self.corpus = builder.build()
         return self.corpus
 

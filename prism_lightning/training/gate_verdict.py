@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+from prism_lightning.bootstrap.reliability import reliability_text
 from prism_lightning.utils.stats import wilson_interval
 
 TEMPERATURE_CLAMP = (0.05, 20.0)  # fit_temperature's bounds: a fit that lands on one found no usable scale
@@ -45,8 +47,10 @@ class GateVerdict:
     text: str
 
 
-def gate_verdict(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> GateVerdict:
-    """Judge the gate from held-out raw logits and labels; ``text`` says what to change when it is uninformative."""
+def gate_verdict(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                 reliability: Optional[dict] = None) -> GateVerdict:
+    """Judge the gate from held-out raw logits and labels; ``text`` says what to change when it is uninformative,
+    and quotes the labels' reliability (the corpus manifest's ``labels``) when it is given."""
     probs = torch.sigmoid(logits.float() / temperature)
     auroc, low, high = auroc_interval(probs, labels)
     spread = float(probs.max() - probs.min()) if len(probs) else 0.0
@@ -69,4 +73,6 @@ def gate_verdict(logits: torch.Tensor, labels: torch.Tensor, temperature: float 
                 "anything in a query predicts the labels at all (bench/label_separability.py).")
     else:
         text = head + " The gate separates distill from retain items better than chance."
+    if reliability is not None:
+        text += " " + reliability_text(reliability)
     return GateVerdict(auroc, low, high, len(labels), spread, temperature, not reasons, text)

@@ -11,6 +11,7 @@ from rich.table import Table
 from prism_lightning.bootstrap.compare import print_comparison
 from prism_lightning.bootstrap.corpus import Corpus
 from prism_lightning.bootstrap.labels import controls_verdict
+from prism_lightning.bootstrap.reliability import reliability_text
 from prism_lightning.bootstrap.source_bias import bias_note
 from prism_lightning.utils.stats import wilson_interval
 
@@ -81,6 +82,7 @@ def print_judge_lines(corpus: Corpus, console: Console) -> None:
     console.print(f"judge: protocol={j['protocol']} margin={j['margin']} position-bias rate={bias} "
                   f"tie rate={j['tie_rate']:.0%} unparseable={j['unparseable']}")
     console.print(judge_verdict(j))
+    console.print(reliability_text(corpus.manifest.get("labels")))
 
 
 def print_corpus_lines(corpus: Corpus, console: Console) -> None:

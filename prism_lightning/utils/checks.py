@@ -45,6 +45,7 @@ def check_data(data: Any, benchmark: Optional[Any] = None) -> None:
     between("data.queries.near_duplicate", q.near_duplicate, 0, 1, low_open=True)
     check_decoding("data.queries.decoding", q.decoding)
     check_decoding("data.answers.decoding", data.answer_config.decoding)
+    at_least("data.labels.samples", data.label_config.samples, 1)
     at_least("data.judge.batch_size", j.batch_size, 1)
     at_least("data.judge.max_answer_tokens", j.max_answer_tokens, 1)
     at_least("data.judge.control_pairs", j.control_pairs, 0)

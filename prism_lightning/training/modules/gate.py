@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, MulticlassAccuracy
 
-from prism_lightning.model.gate_mlp import GateMLP, route_loss
+from prism_lightning.model.gate_mlp import GateMLP, route_loss, soft_route_loss
 from prism_lightning.utils.errors import PrismError
 
 
@@ -57,13 +57,18 @@ class IntentGate(L.LightningModule):
         threshold: route to the adapter when the probability is at or above this.
         temperature: logit temperature (1 = uncalibrated; set by calibration).
         outputs: adapters the gate chooses among (K; 1 = binary PRISM).
+        targets: ``hard`` trains toward each query's 0/1 label (its route); ``soft`` toward its win probability
+            (batches then carry ``soft_route``, [B, K + 1]). Calibration and AUROC read the hard label either way.
     """
 
     def __init__(self, hidden_size: int = 576, dims: Sequence[int] = (128, 64), lr: float = 1e-3,
                  weight_decay: float = 0.01, threshold: float = 0.5, temperature: float = 1.0,
-                 outputs: int = 1) -> None:
+                 outputs: int = 1, targets: Literal["hard", "soft"] = "hard") -> None:
         super().__init__()
+        if targets not in ("hard", "soft"):
+            raise PrismError(f"gate targets must be 'hard' or 'soft', got {targets!r}")
         self.save_hyperparameters()
+        self.targets = targets
         self.mlp = GateMLP(hidden_size, dims, outputs)
         # Buffers, so calibration results travel in checkpoints and exports.
         self.register_buffer("threshold", torch.tensor(float(threshold)))
@@ -88,6 +93,15 @@ class IntentGate(L.LightningModule):
         k = adapter k) default to the labels. Class balance comes from resampling in the DataModule."""
         return route_loss(self.mlp.adapter_logits(features), labels if routes is None else routes)
 
+    def batch_loss(self, features: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The loss on a batch, toward its hard routes or, with ``targets: soft``, its win probabilities."""
+        if self.targets == "soft":
+            if "soft_route" not in batch:
+                raise PrismError("gate targets 'soft': batches need 'soft_route' (the per-query win probabilities); "
+                                 "a corpus without them cannot train a soft gate")
+            return soft_route_loss(self.mlp.adapter_logits(features), batch["soft_route"])
+        return self.loss(features, batch["label"], self.batch_routes(batch))
+
     def batch_routes(self, batch: dict) -> torch.Tensor | None:
         """The outcome each row trains toward: ``route`` (0 = none, k = adapter k), which a K-way gate needs; a
         binary gate may take its 0/1 ``label`` instead."""
@@ -100,13 +114,13 @@ class IntentGate(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One gate step on cached features."""
-        loss = self.loss(batch["features"], batch["label"], self.batch_routes(batch))
+        loss = self.batch_loss(batch["features"], batch)
         self.log("train/gate_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Held-out loss and metrics."""
-        self.log("val/gate_loss", self.loss(batch["features"], batch["label"], self.batch_routes(batch)))
+        self.log("val/gate_loss", self.batch_loss(batch["features"], batch))
         self.val_metrics.update(self.probability(batch["features"]), batch["label"].long())
         self.val_deployed.update(self.routed(self.mlp(batch["features"])), batch["label"].long())
 

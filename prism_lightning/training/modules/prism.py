@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -38,6 +38,8 @@ class PrismModule(DistillationStudent):
         gate_lr: learning rate of the gate.
         gate_dims: hidden widths of the gate MLP.
         gate_weight: weight of the gate's BCE in the summed loss.
+        gate_targets: ``hard`` (each query's 0/1 label, the paper) or ``soft`` (its win probability over
+            ``data.labels.samples`` judged pairs; K-way: the adapters' win probabilities).
         threshold: routing threshold (calibration may change it).
         weight_decay: AdamW weight decay.
         warmup_ratio: share of steps with linear warmup.
@@ -57,7 +59,8 @@ class PrismModule(DistillationStudent):
                  threshold: float = 0.5, weight_decay: float = 0.01, warmup_ratio: float = 0.1,
                  placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig(),
                  divergence_limit: float = 1e4, gradient_checkpointing: bool = False, head_chunk: int = 1024,
-                 prefix_reuse: bool = True, adapters: Sequence[str] = ()) -> None:
+                 prefix_reuse: bool = True, adapters: Sequence[str] = (),
+                 gate_targets: Literal["hard", "soft"] = "hard") -> None:
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
                          divergence_limit, gradient_checkpointing, head_chunk, prefix_reuse, adapters)
         self.save_hyperparameters()
@@ -79,7 +82,8 @@ class PrismModule(DistillationStudent):
         super().configure_model()
         if self.gate is None:
             self.gate = IntentGate(self.backbone.model.config.hidden_size, self.hparams.gate_dims,
-                                   threshold=self.hparams.threshold, outputs=len(self.adapter_names))
+                                   threshold=self.hparams.threshold, outputs=len(self.adapter_names),
+                                   targets=self.hparams.gate_targets)
 
     def on_fit_start(self) -> None:
         """Announce the training stage with what it trains on."""
@@ -105,7 +109,7 @@ class PrismModule(DistillationStudent):
             hidden = self.student_hidden(batch)
         features = gather_positions(box["hidden"], batch["feature_pos"]).detach()
         out = self.distill_loss(batch, hidden)
-        out["gate_loss"] = self.gate.loss(features, batch["label"], batch.get("route"))
+        out["gate_loss"] = self.gate.batch_loss(features, batch)
         out["loss"] = out["loss"] + self.hparams.gate_weight * out["gate_loss"]
         return out, features
 
