@@ -163,25 +163,34 @@ def test_changed_answer_config_regenerates_answers_only(resumed_corpus):
     assert stage_file(corpus, "queries").name in before
 
 
-def test_unknown_config_key_is_one_clear_line(tmp_path):
+def bootstrap_fails(config: Path, capsys, *extra: str) -> str:
+    """`prism bootstrap` in this process (the CLI's entry point, no interpreter start-up): exit 2, one error line."""
+    from prism_lightning.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["bootstrap", "--config", str(config), *extra])
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), lines[-5:]
+    return lines[-1]
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path, capsys):
     config = write_config(tmp_path)
     config.write_text(config.read_text() + "bogus_key: 1\n")
-    result = run(config)
-    assert result.returncode != 0
-    assert "bogus_key" in result.stderr
+    assert "bogus_key" in bootstrap_fails(config, capsys)
 
 
-def test_unknown_model_path_is_one_clear_line(tmp_path):
-    result = run(write_config(tmp_path), "--data.backbone.name_or_path", str(tmp_path / "no-such-model"))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "not found" in last and "no-such-model" in last
+def test_unknown_model_path_is_one_clear_line(tmp_path, capsys):
+    last = bootstrap_fails(write_config(tmp_path), capsys, "--data.backbone.name_or_path",
+                           str(tmp_path / "no-such-model"))
+    assert "not found" in last and "no-such-model" in last
 
 
-def test_missing_persona_file_is_one_clear_line(tmp_path):
-    result = run(write_config(tmp_path), "--data.personas.files", json.dumps({"rag": str(tmp_path / "nope.txt")}))
-    assert result.returncode == 2
-    assert "data.personas.files: file not found: " + str(tmp_path / "nope.txt") in result.stderr
+def test_missing_persona_file_is_one_clear_line(tmp_path, capsys):
+    last = bootstrap_fails(write_config(tmp_path), capsys, "--data.personas.files",
+                           json.dumps({"rag": str(tmp_path / "nope.txt")}))
+    assert "data.personas.files: file not found: " + str(tmp_path / "nope.txt") in last
 
 
 def test_malformed_corpus_line_names_file_and_line(resumed_corpus, tmp_path):

@@ -38,6 +38,8 @@ def command_for(config: Path) -> list[str]:
         return ["test", "--config", str(QUICKSTART), "--config", str(config)]
     if group == "study":
         return ["study", "--config", str(QUICKSTART), "--config", str(config)]
+    if group == "labels":
+        return ["fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--config", str(config)]
     return ["fit", "--config", str(config)]
 
 

@@ -105,6 +105,8 @@ def test_fit_tells_the_truth_about_judge_and_gate(table_run):
     assert re.search(r"Distillation: held-out KL\(teacher ‖ student\) after 2 epochs [\d.]+ \([+-][\d.]+% from "
                      r"[\d.]+ at initialisation\)", flat), flat[-3000:]
     assert re.search(r"Gate: held-out AUROC [\d.]+ \(95% CI", text)
+    # One judged pair per query (the quickstart's default): the verdict says the labels' reliability is unmeasured.
+    assert "Labels' reliability: not measured (one sample per query (data.labels.samples = 1)" in flat
     assert "Tip:" not in text and "tensorboardX" not in text
 
 

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from tiny_benchmarks import write_tiny_benchmarks
 
+from prism_lightning.cli import main
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,9 @@ CELLS = 12  # (none, matched full x 2 placements, one control) x 3 suites
 def write_config(tmp: Path) -> Path:
     """A study of 4 conditions on tiny MMLU, MT-Bench and HarmBench files, short generations."""
     mt_bench, harmbench = write_tiny_benchmarks(tmp)
+    with mt_bench.open("a") as fh:  # a second question: the grade judge's controls pair answers of two questions
+        fh.write(json.dumps({"question_id": 82, "category": "writing", "turns": ["Describe a harbour at dawn."]})
+                 + "\n")
     overlay = {
         "trainer": {"default_root_dir": str(tmp / "run")},
         "study": {"granularities": ["full"], "placements": ["system", "user"], "control_personas": ["math"],
@@ -43,6 +48,17 @@ def argv(config: Path, *extra: str) -> list[str]:
 def run(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv(config, *extra), capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TERM": "dumb"})
+
+
+def study_fails(config: Path, capsys, *extra: str) -> str:
+    """Run `prism study` in this process (the same entry point, without a new interpreter's start-up) and return
+    its one error line; it must exit 2."""
+    with pytest.raises(SystemExit) as done:
+        main(argv(config, *extra)[len(PRISM):])
+    assert done.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), lines[-5:]
+    return lines[-1]
 
 
 def cell_file(tmp: Path) -> Path | None:
@@ -108,6 +124,12 @@ def test_the_study_writes_json_report_and_figures(resumed_study):
     assert study["control"]["MT-Bench/writing"]["others"] == 1  # math is not writing's persona
     report = (directory / "report.md").read_text()
     assert "Other-persona control" in report and "![heatmap](heatmap.png)" in report
+    # Both judges checked on items with known verdicts; the grade judge in both cross-source directions too.
+    refusal, grade = study["judge_controls"]["refusal"], study["judge_controls"]["grade"]
+    assert refusal["control_n"] >= 2 and len(refusal["control_ci95"]) == 2
+    assert grade["control_n"] >= 2 and {"cross_persona", "cross_baseline"} <= set(grade["by_kind"])
+    assert "source_bias" in grade["cross_source"]
+    assert "Refusal judge control accuracy" in report and "Grade judge control accuracy" in report
     for png in ("heatmap.png", "placement.png", "control.png"):
         assert (directory / png).stat().st_size > 1000
 
@@ -127,21 +149,17 @@ def test_dry_run_prints_cells_and_estimate_and_runs_nothing(resumed_study, tmp_p
     (["--study.granularities", "[]", "--study.placements", "[]", "--study.control_personas", "[]"],
      "the conditions produce no cells"),
 ])
-def test_bad_conditions_end_in_one_line(tmp_path, extra, message):
-    result = run(write_config(tmp_path), *extra)
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last
+def test_bad_conditions_end_in_one_line(tmp_path, capsys, extra, message):
+    last = study_fails(write_config(tmp_path), capsys, *extra)
+    assert message in last
 
 
 @pytest.mark.parametrize("content, message", [
     ("", "no rows"),
     ('{"question_id": 81, "category": "writing", "turns": ["a"]}\n\n{"question_id": 82}\n', ":3"),
 ])
-def test_an_empty_or_malformed_question_file_names_the_file(tmp_path, content, message):
+def test_an_empty_or_malformed_question_file_names_the_file(tmp_path, capsys, content, message):
     bad = tmp_path / "questions.jsonl"
     bad.write_text(content)
-    result = run(write_config(tmp_path), "--study.suites.mt_bench", str(bad))
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and str(bad) in last and message in last
+    last = study_fails(write_config(tmp_path), capsys, "--study.suites.mt_bench", str(bad))
+    assert str(bad) in last and message in last

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from prism_lightning.evaluation.judge_controls import judge_line
 from prism_lightning.evaluation.report import _cell, _fmt, _strict_json
 
 
@@ -37,6 +38,8 @@ def print_effects(study: dict, console: Console | None = None) -> None:
     console.print(table)
     for line in summary_lines(study):
         console.print(line)
+    for name, control in (study.get("judge_controls") or {}).items():
+        console.print(judge_line(name.capitalize(), control))
 
 
 def _scores(study: dict, condition: str) -> dict:
@@ -187,6 +190,11 @@ def write_study(study: dict, directory: Path) -> Path:
                     else f"none: {v.get('no_interval', 'not computed')}")
             lines.append(f"| {sub} | {v.get('matched', '–')} | {_signed(v.get('value'))} | {span} | "
                          f"{v.get('others', 0)} | {v.get('n')} |")
+    controls = study.get("judge_controls") or {}
+    lines += ["", "## Judges on items with known verdicts", "",
+              *([f"- {judge_line(name.capitalize(), c)}" for name, c in controls.items()] if controls else
+                ["No judge controls were run (`study.suites.judge_controls` is 0, or no judged suite): the "
+                 "MT-Bench grades and refusal rates above carry no measured judge accuracy."])]
     unread = {c["key"]: sum(c["unreadable"].values()) for c in study["cells"] if sum(c["unreadable"].values())}
     lines += ["", "Judge verdicts that could not be read (excluded, never scored): " +
               (", ".join(f"{k} {v}" for k, v in unread.items()) if unread else "none") + ".", "",

@@ -30,6 +30,7 @@ from prism_lightning.model.generation import DecodingConfig, generate_batch, len
 from prism_lightning.study.analysis import analyse
 from prism_lightning.study.cells import SUITES, Cell, cells, check_config, conditions
 from prism_lightning.study.config import StudyConfig
+from prism_lightning.study.judge_checks import study_judge_controls
 from prism_lightning.study.report import print_effects, write_study
 from prism_lightning.utils.jsonl import JsonlSink
 from prism_lightning.utils.progress import announce
@@ -197,6 +198,11 @@ class StudyRun:
                                    "granularities": self.config.granularities,
                                    "placements": self.config.placements,
                                    "control_granularity": self.config.control_granularity}})
+        grader, refusal, _, _ = self.judges()
+        registry = self.registries.get("full") or next(iter(self.registries.values()))
+        study["judge_controls"] = study_judge_controls(self.model, self.data, grader, refusal, registry,
+                                                       self.suites.decoding, self.suites.judge_controls,
+                                                       self.suites.seed)
         print_effects(study)
         write_study(study, self.directory)
         announce("study", f"wrote {self.directory / 'study.json'}, report.md and figures")
