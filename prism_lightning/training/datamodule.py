@@ -82,7 +82,7 @@ class Collator:
     def soft_route(self, item: dict) -> list[float]:
         """The item's (none, adapter 1..K) target from its win probabilities; a corpus without them: its label."""
         outputs = 1 + max(self.adapter_of.values(), default=0)
-        per_persona = item.get("win_probs") or {item["target_persona"]: item.get("win_prob", float(item["label"]))}
+        per_persona = item.get("win_probs") or {item.get("target_persona"): item.get("win_prob", float(item["label"]))}
         per_adapter: dict[int, float] = {}
         for name, p in per_persona.items():
             k = self.adapter_of.get(name, 0)
