@@ -31,5 +31,5 @@ def test_quick_mode_measures_every_variant(tmp_path):
             assert cell[name]["ttft_s"] > 0 and cell[name]["decode_tokens_per_s"] > 0
         for name in ("prepended", "prefix-cached"):
             assert cell[name]["ttft_ratio_vs_gated"] == pytest.approx(
-                cell[name]["ttft_s"] / cell["gated adapter"]["ttft_s"], rel=1e-2)
+                cell[name]["ttft_s"] / cell["gated adapter"]["ttft_s"], rel=1e-2, abs=0.006)  # stored to 2 places
     assert "TTFT prep/gated" in result.stdout

@@ -127,7 +127,9 @@ def test_the_study_writes_json_report_and_figures(resumed_study):
     # Both judges checked on items with known verdicts; the grade judge in both cross-source directions too.
     refusal, grade = study["judge_controls"]["refusal"], study["judge_controls"]["grade"]
     assert refusal["control_n"] >= 2 and len(refusal["control_ci95"]) == 2
-    assert grade["control_n"] >= 2 and {"cross_persona", "cross_baseline"} <= set(grade["by_kind"])
+    # 2 relevance/quality items; a verdict the 135M judge leaves unreadable is counted apart, never scored
+    assert grade["control_n"] >= 1 and grade["control_n"] + grade["unreadable"] >= 2
+    assert {"cross_persona", "cross_baseline"} <= set(grade["by_kind"])
     assert "source_bias" in grade["cross_source"]
     assert "Refusal judge control accuracy" in report and "Grade judge control accuracy" in report
     for png in ("heatmap.png", "placement.png", "control.png"):
