@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 . .venv/bin/activate
-python -m pytest -q "$@"
+# Two workers, one test file each (module fixtures stay shared); PRISM_TEST_WORKERS=0 runs in one process.
+python -m pytest -q -n "${PRISM_TEST_WORKERS:-2}" --dist loadfile "$@"

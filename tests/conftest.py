@@ -13,6 +13,21 @@ import pytest
 GGUF_STEM = "SmolLM2-135M-Instruct.Q4_1"
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, give each worker its share of the cores (its CLI subprocesses inherit it): torch's
+    default of one thread per core in every worker oversubscribes the machine and spins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("PRISM_CACHE_DIR") or Path.home() / ".cache" / "prism_lightning")
 
@@ -306,3 +321,9 @@ class PauseAfterFirstEpoch(__import__("lightning").pytorch.callbacks.Callback):
 
         if trainer.current_epoch == 1:
             time.sleep(self.seconds)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Files holding slow tests first (stable otherwise), so that xdist's two workers finish close together."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
