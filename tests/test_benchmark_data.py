@@ -32,7 +32,9 @@ def test_shipped_benchmarks_load_with_the_counts_their_readme_states():
     for name, rows in (("mt_bench", "80"), ("harmbench", "400"), ("jailbreak", "79")):
         assert f"`{name}`" in readme and rows in readme
     licences = sorted(p.name for p in (BUILTIN_DIR / "licenses").iterdir())
-    assert licences == ["Apache-2.0-FastChat.txt", "MIT-HarmBench.txt", "MIT-PRISM-reference-code.txt"]
+    assert licences == ["Apache-2.0-FastChat.txt", "MIT-HarmBench.txt", "MIT-PRISM-reference-code.txt",
+                        "MIT-llm-attacks.txt"]
+    assert "`refusal_strings`" in readme and "| 29 |" in readme
 
 
 def test_an_unknown_builtin_name_lists_the_shipped_ones():

@@ -1,4 +1,5 @@
-"""`prism bootstrap` on the real embedded model in real subprocesses: SIGKILL at every stage, resume, bad inputs."""
+"""`prism bootstrap` on the real embedded model in real subprocesses: SIGKILL at every stage, Ctrl-C and SIGTERM,
+resume, bad inputs."""
 
 from __future__ import annotations
 
@@ -50,18 +51,27 @@ def stage_file(corpus: Path, stage: str) -> Path | None:
     return found[0] if found else None
 
 
-def kill_during(config: Path, corpus: Path, stage: str) -> list[str]:
-    """Start a bootstrap, SIGKILL it once ``stage`` has written at least one batch; return the lines it left."""
+def default_sigint() -> None:
+    """Child setup: Ctrl-C handled as Python does by default, even when the test runner was started in the
+    background (a shell starts background jobs with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def signal_during(config: Path, corpus: Path, stage: str, sig: int) -> tuple[list[str], str]:
+    """Start a bootstrap and send ``sig`` once ``stage`` has written a batch more than it had; return the lines it
+    left and the process's stderr."""
+    before = len(lines(stage_file(corpus, stage))) if stage_file(corpus, stage) else 0
     proc = subprocess.Popen([*PRISM, "bootstrap", "--config", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
             path = stage_file(corpus, stage)
-            if path is not None and len(lines(path)) >= 1:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return lines(path)
+            if path is not None and len(lines(path)) > before:
+                proc.send_signal(sig)
+                err = proc.communicate(timeout=120)[1]
+                assert proc.returncode != 0, (sig, stage, err[-2000:])
+                return lines(path), err
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
@@ -69,27 +79,44 @@ def kill_during(config: Path, corpus: Path, stage: str) -> list[str]:
     pytest.fail(f"bootstrap ended (rc={proc.returncode}) before stage {stage} wrote anything")
 
 
+# One bootstrap, stopped five times: SIGKILL in each stage, Ctrl-C in stage 2 and SIGTERM in stage 3 (a batch
+# later each time), resumed after each; then it finishes.
+STOPS = (("queries", signal.SIGKILL), ("answers", signal.SIGINT), ("answers", signal.SIGKILL),
+         ("judge", signal.SIGTERM), ("judge", signal.SIGKILL))
+
+
 @pytest.fixture(scope="module")
 def resumed_corpus(tmp_path_factory) -> dict:
-    """Kill during stage 1, 2 and 3 in turn, resuming each time; then let the run finish."""
+    """Stop the bootstrap in every stage with every signal in turn (``STOPS``), resuming each time; then finish."""
     tmp = tmp_path_factory.mktemp("bootstrap")
     config = write_config(tmp)
     corpus = tmp / "run" / "corpus"
-    survivors = {stage: kill_during(config, corpus, stage) for stage in ("queries", "answers", "judge")}
+    stops = []
+    for stage, sig in STOPS:
+        left, err = signal_during(config, corpus, stage, sig)
+        # Every finished stage's file, as the stopped process left it (a torn last line only after SIGKILL).
+        files = {done: lines(stage_file(corpus, done)) for done in ("queries", "answers", "judge")
+                 if stage_file(corpus, done)}
+        stops.append({"stage": stage, "signal": sig, "left": left, "stderr": err, "files": files})
     result = run(config)
-    return {"tmp": tmp, "config": config, "corpus": corpus, "survivors": survivors, "result": result}
+    return {"tmp": tmp, "config": config, "corpus": corpus, "stops": stops, "result": result}
 
 
-def test_resume_after_sigkill_loses_and_duplicates_nothing(resumed_corpus):
+def test_resume_after_every_signal_loses_and_duplicates_nothing(resumed_corpus):
     result, corpus = resumed_corpus["result"], resumed_corpus["corpus"]
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = json.loads((corpus / "manifest.json").read_text())
-    for stage, before in resumed_corpus["survivors"].items():
-        after = lines(stage_file(corpus, stage))
+    for stop in resumed_corpus["stops"]:
+        after = lines(stage_file(corpus, stop["stage"]))
         ids = [json.loads(line)["id"] for line in after]
-        assert len(ids) == len(set(ids)), f"duplicated items in stage {stage}"
-        complete_before = [line for line in before if line.endswith("}")]
-        assert after[:len(complete_before)] == complete_before, f"stage {stage} lost or rewrote finished items"
+        assert len(ids) == len(set(ids)), f"duplicated items in stage {stop['stage']}"
+        complete_before = [line for line in stop["left"] if line.endswith("}")]
+        assert after[:len(complete_before)] == complete_before, f"stage {stop['stage']} lost or rewrote items"
+        if stop["signal"] != signal.SIGKILL:  # a handled signal tears no line and says what it kept
+            for stage, written in stop["files"].items():
+                assert len({json.loads(line)["id"] for line in written}) == len(written), (stop["signal"], stage)
+        if stop["signal"] == signal.SIGINT:
+            assert stop["stderr"].strip().splitlines()[-1].startswith("error: interrupted; finished work is kept")
     queries = [json.loads(line) for line in lines(corpus / "queries.jsonl")]
     answers = [json.loads(line) for line in lines(stage_file(corpus, "answers"))]
     judged = {json.loads(line)["id"] for line in lines(stage_file(corpus, "judge"))}

@@ -359,39 +359,6 @@ def test_the_quickstart_killed_after_epoch_1_of_2_resumes_and_matches(tmp_path):
             assert have[step] == pytest.approx(value, abs=1e-5), (key, step)
 
 
-@pytest.mark.slow
-def test_signals_during_bootstrap_tear_nothing_and_the_rerun_finishes(tmp_path):
-    """Ctrl-C during stage 2, then SIGTERM during stage 3 of the resumed run: every line on disk is whole each
-    time, and the last rerun finishes and repeats no item. One bootstrap serves both signals."""
-    from test_bootstrap_cli import lines, stage_file, write_config
-
-    config = write_config(tmp_path)
-    corpus = tmp_path / "run" / "corpus"
-    for sig, stage in ((signal.SIGINT, "answers"), (signal.SIGTERM, "judge")):
-        proc = subprocess.Popen([*PRISM, "bootstrap", "--config", str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            path = stage_file(corpus, stage)
-            if path is not None and len(lines(path)) >= 1:
-                proc.send_signal(sig)
-                break
-            time.sleep(0.02)
-        err = proc.communicate(timeout=120)[1]
-        assert proc.returncode != 0, (sig, err[-2000:])
-        if sig == signal.SIGINT:
-            assert err.strip().splitlines()[-1].startswith("error: interrupted; finished work is kept")
-        for done in ("queries", "answers", "judge")[:2 if stage == "answers" else 3]:
-            records = [json.loads(line) for line in lines(stage_file(corpus, done))]  # no torn line
-            assert len({r["id"] for r in records}) == len(records), (sig, done)
-    rerun = subprocess.run([*PRISM, "bootstrap", "--config", str(config)], capture_output=True, text=True,
-                           timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    for stage in ("queries", "answers", "judge"):
-        ids = [json.loads(line)["id"] for line in lines(stage_file(corpus, stage))]
-        assert ids and len(set(ids)) == len(ids), stage
-
-
 class RecordBatches(__import__("lightning").pytorch.callbacks.Callback):
     """Test helper: append ``[epoch, batch_idx, ids]`` of every training batch to ``<path>.<rank>``."""
 

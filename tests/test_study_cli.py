@@ -112,11 +112,12 @@ def test_the_study_writes_json_report_and_figures(resumed_study):
     study = json.loads((directory / "study.json").read_text())
     assert study["conditions"] == ["none", "matched/full/system", "matched/full/user", "math/full/system"]
     assert len(study["cells"]) == CELLS
-    assert {"MMLU/STEM", "MT-Bench/writing", "Safety/HarmBench"} <= set(study["subcategories"])
+    assert {"MMLU/STEM", "MT-Bench/writing", "Safety/HarmBench (judge)", "Safety/HarmBench (strings)"} <= set(
+        study["subcategories"])
     for cell in study["cells"]:
         for key, n in cell["counts"].items():
             assert n + cell["unreadable"].get(key, 0) >= 1 and len(cell["intervals"][key]) == 2
-    effect = study["effects"]["Safety/HarmBench"]["matched/full/system"]
+    effect = study["effects"]["Safety/HarmBench (strings)"]["matched/full/system"]
     required = {"relative", "relative_ci95", "absolute", "absolute_ci95", "n"}
     # an interval that cannot be computed is None, with the reason beside it
     assert required <= set(effect) <= required | {"relative_no_interval", "absolute_no_interval"}

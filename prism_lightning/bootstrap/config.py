@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 
 from prism_lightning.model.backbone import BackboneConfig
@@ -22,6 +22,9 @@ class QueryConfig:
         min_words: fewest words in a kept query.
         near_duplicate: word-set Jaccard at or above which two queries count as duplicates.
         decoding: sampling parameters for query generation.
+        knowledge_every: under ``data.judge.protocol: intent``, every n-th candidate of a persona is a knowledge
+            question (short factual or multiple-choice, in the persona's domain or in general), labelled retain by
+            construction; 2 = half of them. Ignored by every other protocol (the paper's stage 1).
     """
 
     per_persona: int = 50
@@ -33,6 +36,7 @@ class QueryConfig:
     near_duplicate: float = 0.7
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(
         temperature=0.9, top_p=1.0, top_k=0, max_new_tokens=96, seed=1))
+    knowledge_every: int = 2
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,9 @@ class JudgeConfig:
             ``likelihood`` (mean per-token log p(answer | query), no persona in the context) or ``pmi`` (mean
             per-token log p(answer | query) − log p(answer)); the last two compare the two answers' scores.
         margin: decision threshold: nats (``debiased``), score points (``pointwise``), nats per token
-            (``likelihood``, ``pmi``).
+            (``likelihood``, ``pmi``). ``intent`` labels by what a query asks for: stage 1 also writes knowledge
+            questions (``data.queries.knowledge_every``), labelled retain by construction, and a context's
+            outside questions likewise; the persona-domain queries take ``intent_scorer``'s label.
         model: a separate judge model; unset = the base model judges itself.
         max_answer_tokens: each answer is cut to this many tokens before judging.
         control_pairs: queries whose own answer is checked against another query's answer (relevance control)
@@ -84,9 +90,11 @@ class JudgeConfig:
         batch_size: judge prompts per forward pass.
         compare: also score every pair under every protocol and report them side by side (control accuracies,
             distill rate, position bias, agreement); the corpus keeps ``protocol``'s labels.
+        intent_scorer: under ``intent``, the protocol that labels persona-domain queries (any of the others), or
+            ``none``: they are distill by construction and stage 3 judges nothing.
     """
 
-    protocol: Literal["strict", "debiased", "pointwise", "likelihood", "pmi"] = "debiased"
+    protocol: Literal["strict", "debiased", "pointwise", "likelihood", "pmi", "intent"] = "debiased"
     margin: float = 0.0
     model: Optional[BackboneConfig] = None
     max_answer_tokens: int = 256
@@ -94,3 +102,16 @@ class JudgeConfig:
     min_choice_mass: float = 0.05
     batch_size: int = 8
     compare: bool = False
+    intent_scorer: Literal["none", "strict", "debiased", "pointwise", "likelihood", "pmi"] = "none"
+
+    @property
+    def scoring(self) -> Optional[str]:
+        """The protocol whose verdicts become labels: the protocol itself, ``intent_scorer`` under ``intent``
+        (None when that is ``none``: no label is measured)."""
+        if self.protocol != "intent":
+            return self.protocol
+        return None if self.intent_scorer == "none" else self.intent_scorer
+
+    def scored(self) -> Optional["JudgeConfig"]:
+        """This config with ``protocol`` set to the scoring protocol (what the decision rules read), or None."""
+        return None if self.scoring is None else replace(self, protocol=self.scoring)

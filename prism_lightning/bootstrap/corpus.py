@@ -13,6 +13,7 @@ from prism_lightning.bootstrap import degrade, source_bias
 from prism_lightning.bootstrap.answers import answer_personas, run_answers
 from prism_lightning.bootstrap.compare import compare_protocols
 from prism_lightning.bootstrap.config import AnswerConfig, JudgeConfig, LabelConfig, QueryConfig
+from prism_lightning.bootstrap.intent import construction_item, source_counts, split_by_source
 from prism_lightning.bootstrap.judge import Judge, verdict_sequences
 from prism_lightning.bootstrap.labels import (
     SCORER,
@@ -93,6 +94,12 @@ def check_both_classes(corpus: Corpus, judge: JudgeConfig) -> None:
     if corpus.distill and corpus.retain:
         return
     empty = "distill (label 1)" if not corpus.distill else "retain (label 0)"
+    if judge.protocol == "intent" and (not corpus.retain or judge.scoring is None):
+        hint = ("stage 1 kept no question the persona does not help with; lower data.queries.knowledge_every "
+                "(2 = every other candidate) or raise data.queries.per_persona" if not corpus.retain else
+                "stage 1 kept no persona-domain query; raise data.queries.knowledge_every")
+        raise PrismError(f"{corpus.directory / 'corpus.jsonl'}: the {empty} set is empty ({n} items, "
+                         f"data.judge.protocol=intent); {hint}")
     hint = ("the persona must win both orders; try data.judge.protocol=debiased" if judge.protocol == "strict"
             else f"{'lower' if not corpus.distill else 'raise'} data.judge.margin (now {judge.margin})")
     raise PrismError(f"{corpus.directory / 'corpus.jsonl'}: the {empty} set is empty ({n} items, "
@@ -114,10 +121,15 @@ class CorpusBuilder:
         self.directory = Path(directory)
 
     def scorer_kinds(self) -> list[str]:
-        """The judge scorers this run needs: the protocol's, or all of them when comparing protocols."""
-        own = SCORER[self.judge.protocol]
-        return [own] + ([k for k in ("pairwise", "pointwise", "likelihood") if k != own] if self.judge.compare
-                        else [])
+        """The judge scorers this run needs: the scoring protocol's, or all of them when comparing protocols
+        (none under ``intent`` with ``intent_scorer: none`` and no comparison: nothing is judged)."""
+        own = SCORER.get(self.judge.scoring or "")
+        others = [k for k in ("pairwise", "pointwise", "likelihood") if k != own] if self.judge.compare else []
+        return ([own] if own else []) + others
+
+    def knowledge_every(self) -> int:
+        """Stage 1's cadence of knowledge questions: only the intent protocol asks for them."""
+        return self.queries.knowledge_every if self.judge.protocol == "intent" else 0
 
     def stage_hashes(self, backbone: Backbone, judge_backbone: Backbone) -> dict[str, str]:
         """Hash per stage; a stage's hash covers its own config and every upstream stage's hash.
@@ -128,8 +140,10 @@ class CorpusBuilder:
         # A context's kind fixes its block and placement; plain personas hash as they always have.
         personas = {p.name: p.text if p.kind == "persona" else [p.kind, p.placement, p.text] for p in self.registry}
         # Every prompt is rendered through the chat template (and its variables): a new template is a new stage.
+        # knowledge_every changes stage 1 only when the intent protocol uses it (so other corpora keep their hash).
         h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
-                                personas, self.queries)
+                                personas, self._intent_free_configs()[0],
+                                *([{"knowledge_every": self.knowledge_every()}] if self.knowledge_every() else []))
         # One sample hashes as before m existed, so existing corpora stay valid.
         h_answers = stable_hash(h_queries, self.answers, self.placement,
                                 *([{"samples": self.samples}] if self.samples > 1 else []))
@@ -161,7 +175,7 @@ class CorpusBuilder:
 
         start = time.perf_counter()
         queries = run_queries(backbone, self.registry, self.queries,
-                              ShardedSink(stages / f"queries-{hashes['queries']}.jsonl", shard))
+                              ShardedSink(stages / f"queries-{hashes['queries']}.jsonl", shard), self.knowledge_every())
         shard.together(lambda: write_jsonl(self.directory / "queries.jsonl", queries) if shard.rank == 0 else None)
         timings["queries"] = time.perf_counter() - start
         if not queries:
@@ -176,30 +190,45 @@ class CorpusBuilder:
 
         start = time.perf_counter()
         candidates = {q["id"]: answer_personas(q, self.registry, self.answers) for q in queries}
-        controls = control_pairs(queries, self.judge.control_pairs)
-        comparisons = (main_comparisons(queries, candidates, answers, self.samples)
-                       + relevance_comparisons(controls, answers)
-                       + quality_comparisons(controls, answers) + cross_comparisons(controls, candidates, answers))
-        judge = Judge(judge_backbone, self.judge)
+        # Under intent, queries labelled by construction are never judged; the controls come from the judged ones.
+        judged, built = split_by_source(queries, self.judge)
+        scoring = self.judge.scored()
         by_kind = {}
-        for k, kind in enumerate(self.scorer_kinds()):
-            sink = ShardedSink(stages / f"judge-{hashes['judge' if k == 0 else f'judge_{kind}']}.jsonl", shard)
-            judge.score(kind, scoring_items(kind, comparisons), sink)
-            by_kind[kind] = {r["id"]: r for r in sink.records()}
-        scores = by_kind[SCORER[self.judge.protocol]]
-        items, stats = label_queries(queries, candidates, answers, scores, self.judge, self.samples)
-        stats.update(control_accuracy(controls, scores, self.judge))
-        stats.update(quality_accuracy(controls, scores, self.judge))
-        stats.update(cross_source_accuracy(controls, candidates, queries, scores, self.judge,
-                                           samples=self.samples))
+        if self.scorer_kinds():
+            controls = control_pairs(judged, self.judge.control_pairs)
+            comparisons = (main_comparisons(judged, candidates, answers, self.samples)
+                           + relevance_comparisons(controls, answers) + quality_comparisons(controls, answers)
+                           + cross_comparisons(controls, candidates, answers))
+            judge = Judge(judge_backbone, self.judge)
+            for k, kind in enumerate(self.scorer_kinds()):
+                sink = ShardedSink(stages / f"judge-{hashes['judge' if k == 0 else f'judge_{kind}']}.jsonl", shard)
+                judge.score(kind, scoring_items(kind, comparisons), sink)
+                by_kind[kind] = {r["id"]: r for r in sink.records()}
+        items, stats, reliability = [], {}, None
+        if scoring is not None:
+            scores = by_kind[SCORER[scoring.protocol]]
+            items, stats = label_queries(judged, candidates, answers, scores, scoring, self.samples)
+            stats.update(control_accuracy(controls, scores, scoring))
+            stats.update(quality_accuracy(controls, scores, scoring))
+            stats.update(cross_source_accuracy(controls, candidates, judged, scores, scoring, samples=self.samples))
+            reliability = stats.pop("reliability")
+        order = {q["id"]: n for n, q in enumerate(queries)}
+        items = sorted(items + [construction_item(q, answers, self.judge) for q in built], key=lambda i: order[i["id"]])
+        if scoring is None:
+            stats = {"position_bias_rate": None, "tie_rate": 0.0, "unparseable": 0,
+                     **control_accuracy([], {}, self.judge), **quality_accuracy([], {}, self.judge)}
+            reliability = {"reliability": None, "samples": self.samples, "queries": 0,
+                           "reason": "every label is by construction (data.judge.intent_scorer = none): "
+                                     "nothing was measured whose reliability could be estimated"}
+        stats["intent_scorer"] = self.judge.intent_scorer if self.judge.protocol == "intent" else None
+        reliability["label_sources"] = source_counts(items)
         timings["judge"] = time.perf_counter() - start
 
-        reliability = stats.pop("reliability")
         manifest = self._manifest(backbone, judge_backbone, hashes, queries, items, stats, timings)
         manifest["labels"] = reliability
         if self.judge.compare:
-            manifest["judge_compare"] = compare_protocols(queries, candidates, controls, by_kind, self.judge,
-                                                          self.samples)
+            manifest["judge_compare"] = compare_protocols(judged, candidates, controls, by_kind,
+                                                          scoring or self.judge, self.samples)
         manifest["seconds"], manifest["world_size"] = self._reused_stage_facts(hashes, manifest["seconds"],
                                                                               shard.world)
 
@@ -234,6 +263,13 @@ class CorpusBuilder:
         worlds = {k: old_worlds.get(k, 1) if k in reused else world for k in hashes}
         return seconds, worlds
 
+    def _intent_free_configs(self) -> tuple[dict, dict]:
+        """Query and judge configs without the intent protocol's fields, which enter a hash only when it is on
+        (so corpora built before it existed keep their hashes)."""
+        queries = {k: v for k, v in asdict(self.queries).items() if k != "knowledge_every"}
+        judge = {k: v for k, v in asdict(self.judge).items() if k != "intent_scorer"}
+        return queries, judge
+
     def _manifest(self, backbone: Backbone, judge_backbone: Backbone, hashes: dict, queries: list[dict],
                   items: list[dict], stats: dict, timings: dict) -> dict:
         per_persona = {}
@@ -244,9 +280,11 @@ class CorpusBuilder:
         return {
             "format_version": FORMAT_VERSION,
             "model": backbone.reference,
-            "config_hash": stable_hash(self.backbone_config, self.registry.names, self.queries, self.answers,
-                                       self.judge, self.placement,
-                                       *([{"samples": self.samples}] if self.samples > 1 else [])),
+            "config_hash": stable_hash(self.backbone_config, self.registry.names, self._intent_free_configs()[0],
+                                       self.answers, self._intent_free_configs()[1], self.placement,
+                                       *([{"samples": self.samples}] if self.samples > 1 else []),
+                                       *([{"intent": [self.knowledge_every(), self.judge.intent_scorer]}]
+                                         if self.judge.protocol == "intent" else [])),
             "stages": hashes,
             "placement": self.placement,
             "answer_mode": self.answers.mode,

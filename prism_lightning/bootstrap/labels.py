@@ -179,7 +179,7 @@ def label_queries(queries: list[dict], candidates: dict[str, list[str]], answers
         item = {"id": qid, "persona": query["persona"], "query": query["query"], "label": int(label),
                 "target_persona": best, "margin": round(margins[best], 4), "win_prob": round(win_probs[best], 4),
                 "baseline_answer": answers[qid][sample_key(BASELINE, chosen)],
-                "persona_answer": answers[qid][sample_key(best, chosen)],
+                "persona_answer": answers[qid][sample_key(best, chosen)], "label_source": config.protocol,
                 **({"intent": query["intent"]} if "intent" in query else {})}
         if len(pairs) > 1:
             item["win_probs"] = {name: round(p, 4) for name, p in win_probs.items()}

@@ -22,15 +22,15 @@ _META = re.compile(r"^(?!.*\?)(?:(?:sure|here|okay|ok|certainly|of course)\b[^.?
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def candidate_prompt(persona: Persona, index: int) -> str:
+def candidate_prompt(persona: Persona, index: int, knowledge_every: int = 0) -> str:
     """The index-th query-generation prompt: frame, topic and question style all vary with the index."""
-    frame, _ = candidate_frame(persona.kind, index, persona.topics, persona.question_styles)
+    frame, _ = candidate_frame(persona.kind, index, persona.topics, persona.question_styles, knowledge_every)
     return frame.replace("{context}", persona.source_text)
 
 
-def candidate_intent(persona: Persona, index: int) -> str:
+def candidate_intent(persona: Persona, index: int, knowledge_every: int = 0) -> str:
     """``inside`` when the index-th prompt asks for a question the context answers, else ``outside``."""
-    return candidate_frame(persona.kind, index, persona.topics, persona.question_styles)[1]
+    return candidate_frame(persona.kind, index, persona.topics, persona.question_styles, knowledge_every)[1]
 
 
 def parse_query(text: str, config: QueryConfig) -> Optional[str]:
@@ -66,7 +66,8 @@ def dedup(queries: Iterable[str], threshold: float, seen: Optional[list[frozense
     return kept
 
 
-def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConfig) -> list[dict]:
+def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConfig,
+                   knowledge_every: int = 0) -> list[dict]:
     """Turn raw generations into the final query list: parsed, filtered, deduplicated across personas."""
     seen: list[frozenset[str]] = []
     selected = []
@@ -78,17 +79,22 @@ def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConf
         intents: dict[str, str] = {}
         for r in rows:  # dedup keeps a query's first occurrence: so does its intent
             if (q := parse_query(r["text"], config)) is not None:
-                intents.setdefault(q, candidate_intent(persona, r["index"]))
+                intents.setdefault(q, candidate_intent(persona, r["index"], knowledge_every))
         for n, query in enumerate(kept):
             row = {"id": f"{persona.name}-{n:04d}", "persona": persona.name, "query": query}
-            if persona.kind != "persona":  # contexts also get questions they do not answer: which is which
+            # Contexts (and personas under the intent protocol) also get questions they do not help with.
+            if persona.kind != "persona" or knowledge_every:
                 row["intent"] = intents[query]
             selected.append(row)
     return selected
 
 
-def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConfig, sink: JsonlSink) -> list[dict]:
-    """Generate candidates in rounds until each persona has ``per_persona`` queries or rounds run out."""
+def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConfig, sink: JsonlSink,
+                knowledge_every: int = 0) -> list[dict]:
+    """Generate candidates in rounds until each persona has ``per_persona`` queries or rounds run out.
+
+    ``knowledge_every`` > 0 (the intent protocol): every n-th candidate of a persona is a knowledge question.
+    """
     formatter = ChatFormatter(backbone.tokenizer)
     per_round = math.ceil(config.per_persona * config.oversample)
     selected: list[dict] = []
@@ -101,10 +107,10 @@ def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConf
         for persona in short:
             for index in range(round_ * per_round, (round_ + 1) * per_round):
                 items.append({"id": f"{persona.name}/{index}", "persona": persona.name, "index": index,
-                              "prompt_ids": formatter.prompt_ids(candidate_prompt(persona, index),
+                              "prompt_ids": formatter.prompt_ids(candidate_prompt(persona, index, knowledge_every),
                                                                  KINDS[persona.kind].curator)})
         generate_into(backbone, items, config.decoding, sink, f"stage 1 queries (round {round_ + 1})",
                       lambda item, out: {"id": item["id"], "persona": item["persona"], "index": item["index"],
                                          **out})
-        selected = select_queries(sink.records(), registry, config)
+        selected = select_queries(sink.records(), registry, config, knowledge_every)
     return selected

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import stats
 
+from prism_lightning.bootstrap.intent import sources_text
 from prism_lightning.utils.stats import bootstrap_interval
 
 
@@ -98,6 +99,13 @@ def reliability_text(rel: Optional[dict]) -> str:
     """One sentence on the labels' reliability and what it allows a gate, for summaries and the gate verdict."""
     if not rel:
         return "Labels' reliability: not recorded (a corpus built before data.labels.samples existed)."
+    sources = sources_text(rel.get("label_sources"))
+    if sources:
+        return sources + " " + _measured_text(rel)
+    return _measured_text(rel)
+
+
+def _measured_text(rel: dict) -> str:
     if rel.get("reliability") is None:
         return f"Labels' reliability: not measured ({rel.get('reason', 'unknown reason')})."
     ci = rel.get("reliability_ci95")

@@ -23,6 +23,9 @@ class KindSpec:
     goes (None: the run's ``data.placement``); ``curator`` is stage 1's system prompt; ``inside_frames`` ask for
     questions the context answers, ``outside_frames`` for questions it does not help with (one candidate in
     ``outside_every`` is such a question, so the gate sees both). Frames use ``{context}``, ``{topic}``, ``{style}``.
+    A persona's outside questions are knowledge questions (short factual or multiple-choice), written only under
+    the ``intent`` judge protocol (``outside_every`` 0: its cadence comes from ``data.queries.knowledge_every``);
+    ``outside_in_domain`` puts every other one in the context's own topics instead of general ones.
     """
 
     name: str
@@ -33,6 +36,7 @@ class KindSpec:
     outside_frames: tuple[str, ...] = ()
     question_styles: tuple[str, ...] = ()
     outside_every: int = 0
+    outside_in_domain: bool = False
 
 
 _OUTSIDE_TOPICS = ("cooking", "history", "physics", "travel", "personal finance", "gardening", "grammar",
@@ -51,6 +55,15 @@ KINDS: dict[str, KindSpec] = {
             "Think of a user who needs the expert below.\n{context}\n\nTheir request concerns {topic} and is {style}. "
             "Write that request in one or two sentences, with no preamble.",
         ),
+        # Knowledge questions: one right answer that a reference book holds, no expertise in how to answer.
+        outside_frames=(
+            "Write one short factual question about {topic} that has a single correct answer (a name, a date, a "
+            "number or a definition). Output only the question.",
+            "Write one multiple-choice question about {topic} with four options labelled A, B, C and D, exactly one "
+            "of them correct. Output only the question and its options.",
+            "Write one short quiz question that tests what a student knows about {topic}. Output only the question.",
+        ),
+        outside_in_domain=True,
     ),
     "memory": KindSpec(
         name="memory",
@@ -125,15 +138,24 @@ def render_block(kind: str, text: str) -> str:
     return KINDS[kind].block.format(text=text)
 
 
-def candidate_frame(kind: str, index: int, topics: tuple[str, ...], styles: tuple[str, ...]) -> tuple[str, str]:
+def candidate_frame(kind: str, index: int, topics: tuple[str, ...], styles: tuple[str, ...],
+                    knowledge_every: int = 0) -> tuple[str, str]:
     """The index-th stage-1 prompt frame of a kind, filled except for ``{context}``, and its intent.
 
-    Intent is ``inside`` (the context answers it) or ``outside`` (a question the context does not help with).
+    Intent is ``inside`` (the context answers it) or ``outside`` (a question the context does not help with; for a
+    persona, a knowledge question). ``knowledge_every`` is the cadence of outside questions for a kind that has no
+    cadence of its own (a persona; 0: none, the paper's stage 1).
     """
     spec = KINDS[kind]
-    outside = spec.outside_every > 0 and index % spec.outside_every == spec.outside_every - 1
+    every = spec.outside_every or (knowledge_every if spec.outside_frames else 0)
+    outside = every > 0 and index % every == every - 1
     frames = spec.outside_frames if outside else spec.inside_frames
-    topics = _OUTSIDE_TOPICS if outside else (topics or ("the subject of the context",))
+    own = topics or ("the subject of the context",)
+    if outside:
+        # In-domain knowledge questions on every other outside slot: the gate must learn intent, not topic.
+        topics = own if spec.outside_in_domain and (index // every) % 2 == 0 else _OUTSIDE_TOPICS
+    else:
+        topics = own
     styles = styles or spec.question_styles
     frame = frames[index % len(frames)]
     topic = topics[(index // len(frames)) % len(topics)]

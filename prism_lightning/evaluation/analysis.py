@@ -31,19 +31,21 @@ def shared_subcategories(scores: dict[str, dict[str, float]], subcategories: Seq
     return [k for k in subcategories if present(k)], [k for k in subcategories if not present(k)]
 
 
-def compare_rows(items: dict[str, dict[str, torch.Tensor]], subcategories: Sequence[str], seed: int = 0) -> dict:
+def compare_rows(items: dict[str, dict[str, torch.Tensor]], subcategories: Sequence[str], seed: int = 0,
+                 overall_exclude: Sequence[str] = ()) -> dict:
     """Scores, 95 % intervals and Overall per row, each subcategory on the items every row scored.
 
     ``items[row][subcategory]`` holds per-item scores on 0–100 in the same item order for every row (NaN where the
     judge's verdict was unreadable). A row scored on items another row could not score would compare unlike
     samples, so each subcategory keeps only the common items; Overall averages only the subcategories every
-    row has, and resamples items within each of them for its interval.
+    row has, and resamples items within each of them for its interval. ``overall_exclude`` are shown but never
+    averaged (a second measure of the same answers).
     """
     common = {k: scored_by_every_row([r[k] for r in items.values() if k in r]) for k in subcategories}
     kept_items = {name: {k: v[common[k]] for k, v in row.items()} for name, row in items.items()}
     scores = {name: {k: float(v.mean()) if len(v) else float("nan") for k, v in row.items()}
               for name, row in kept_items.items()}
-    kept, left_out = shared_subcategories(scores, subcategories)
+    kept, left_out = shared_subcategories(scores, [k for k in subcategories if k not in overall_exclude])
     rows = {name: {"scores": scores[name],
                    "intervals": {k: bootstrap_interval(v, seed=seed) for k, v in row.items()},
                    "overall": overall(scores[name], kept),

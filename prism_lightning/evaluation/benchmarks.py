@@ -31,9 +31,14 @@ MT_BENCH_PERSONA = {c: c for c in ("writing", "roleplay", "reasoning", "math", "
                                    "humanities")}
 
 
+# Shipped data that is not a benchmark (the string-match refusal measure's list, ``refusal_strings.py``).
+NOT_BENCHMARKS = ("refusal_strings",)
+
+
 def builtin_names() -> list[str]:
     """The ``builtin:`` names of the shipped benchmark files."""
-    return sorted(p.stem for p in BUILTIN_DIR.iterdir() if p.is_file() and p.suffix in (".jsonl", ".csv", ".json"))
+    return sorted(p.stem for p in BUILTIN_DIR.iterdir()
+                  if p.is_file() and p.suffix in (".jsonl", ".csv", ".json") and p.stem not in NOT_BENCHMARKS)
 
 
 def resolve(path: str | Path) -> Path:
@@ -42,7 +47,7 @@ def resolve(path: str | Path) -> Path:
     if not text.startswith(BUILTIN_PREFIX):
         return Path(path)
     name = text[len(BUILTIN_PREFIX):]
-    matches = [p for p in BUILTIN_DIR.iterdir() if p.stem == name and p.suffix in (".jsonl", ".csv", ".json")]
+    matches = [p for p in BUILTIN_DIR.iterdir() if p.stem == name and p.stem in builtin_names()]
     if not matches:
         raise PrismError(f"{text}: no such shipped benchmark; shipped: "
                          f"{', '.join(BUILTIN_PREFIX + n for n in builtin_names())}")

@@ -37,7 +37,7 @@ def print_table(metrics: dict, console: Console | None = None) -> None:
 
 def summary_lines(metrics: dict) -> list[str]:
     """The sentences under the table: what Overall averages, preference, routing analysis, turn-2 routing."""
-    lines = [_overall_line(metrics)]
+    lines = [_overall_line(metrics), *routing_rate_lines(metrics), *agreement_lines(metrics)]
     for name, control in (metrics.get("judge_controls") or {}).items():
         lines.append(judge_line(name.capitalize(), control))
     pref = metrics.get("preference")
@@ -59,8 +59,52 @@ def _routing_settings_line(settings: dict) -> str:
 def _overall_line(metrics: dict) -> str:
     kept = metrics.get("overall_subcategories", metrics["subcategories"])
     left = metrics.get("left_out", [])
+    measure = (metrics.get("settings") or {}).get("refusal_measure")
+    safety = (f" Safety subcategories enter Overall by {MEASURE_WORDS[measure]}; the other measure is shown beside "
+              f"them, not averaged." if measure and any(k.startswith("Safety/") for k in kept) else "")
     return (f"Overall = mean of the {len(kept)} subcategories every row scored; left out: "
-            f"{', '.join(left) if left else 'none'}. Each subcategory compares rows on the items every row scored.")
+            f"{', '.join(left) if left else 'none'}. Each subcategory compares rows on the items every row scored."
+            + safety)
+
+
+MEASURE_WORDS = {"strings": "refusal-string match (no model reads the answer)", "judge": "the LLM refusal judge"}
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def routing_rate_lines(metrics: dict) -> list[str]:
+    """Per gated row: the share of each suite's prompts sent to the adapter, with a 95 % Wilson interval."""
+    lines = []
+    for name, row in metrics["rows"].items():
+        routed = row.get("routed") or {}
+        if name != "PRISM" or not routed:
+            continue  # the other rows' routes are fixed (0 % or 100 %)
+        cells = [f"{suite} {_percent(r['rate'])} ({_percent(r['ci95'][0])}–{_percent(r['ci95'][1])}, "
+                 f"n = {r['n']})" for suite, r in routed.items() if r["n"]]
+        lines.append(f"Routed to the adapter ({name}, 95% Wilson CI): " + "; ".join(cells) + ".")
+    return lines
+
+
+def agreement_lines(metrics: dict) -> list[str]:
+    """Per safety set: how often refusal-string match and the LLM refusal judge agree on the same answers."""
+    pooled: dict[str, list[tuple[int, float, float | None]]] = {}
+    for row in metrics["rows"].values():
+        for suite, a in (row.get("refusal_agreement") or {}).items():
+            pooled.setdefault(suite, []).extend([(a["n"], a["agreement"], a["kappa"])] if a.get("n") else [])
+    cells = []
+    for suite, parts in pooled.items():
+        n = sum(p[0] for p in parts)
+        if not n:
+            cells.append(f"{suite}: no answer with a readable judge verdict")
+            continue
+        agree = sum(p[0] * p[1] for p in parts) / n
+        kappas = [p[2] for p in parts if p[2] is not None]
+        kappa = f", Cohen's kappa {min(kappas):.2f} to {max(kappas):.2f} across rows" if kappas else ""
+        cells.append(f"{suite} {100 * agree:.0f}% of {n} answers{kappa}")
+    return ["String match vs refusal judge, same answers (every row pooled): " + "; ".join(cells) + "."] if cells \
+        else []
 
 
 def _routing_line(corr: dict) -> str:
@@ -88,6 +132,8 @@ SUITE_JUDGE = {"MT-Bench": "grade", "Safety": "refusal"}
 
 def judge_cell(controls: dict, subcategory: str) -> str:
     """The control accuracy of the judge behind ``subcategory``'s scores, marked when it is at chance."""
+    if subcategory.endswith(" (strings)"):
+        return "no judge"
     control = controls.get(SUITE_JUDGE.get(subcategory.split("/")[0], ""))
     if not control or not control.get("control_n"):
         return "–"
@@ -174,7 +220,7 @@ def write_report(metrics: dict, directory: Path) -> Path:
     lines += ["", "Items per subcategory (MT-Bench: turns): " +
               ", ".join(f"{k} {v}" for k, v in metrics["counts"].items()) + ". Scored by every row, and compared: " +
               ", ".join(f"{k} {v}" for k, v in metrics.get("compared", {}).items()) + ".", "",
-              _overall_line(metrics), ""]
+              _overall_line(metrics), "", *routing_rate_lines(metrics), *agreement_lines(metrics), ""]
     unread = {k: v for k, v in metrics.get("unreadable", {}).items() if v}
     lines.append("Judge verdicts that could not be read (excluded, never scored): " +
                  (", ".join(f"{k} {v}" for k, v in unread.items()) if unread else "none") + ".")

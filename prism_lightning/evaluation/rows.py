@@ -29,8 +29,8 @@ class Row:
         return registry[name].text if name is not None and name in registry.names else None
 
 
-def default_rows(fixed_persona: str = "helpful") -> list[Row]:
-    """Base; Expert (matched); Expert (one fixed persona); Ungated LoRA; PRISM."""
-    return [Row("Base", "base"), Row("Expert (matched)", "base", MATCHED),
-            Row(f"Expert ({fixed_persona})", "base", fixed_persona), Row("Ungated LoRA", "adapter"),
+def default_rows(fixed_persona: Optional[str] = "helpful") -> list[Row]:
+    """Base; Expert (matched); Expert (one fixed persona, unless None); Ungated LoRA; PRISM."""
+    fixed = [Row(f"Expert ({fixed_persona})", "base", fixed_persona)] if fixed_persona else []
+    return [Row("Base", "base"), Row("Expert (matched)", "base", MATCHED), *fixed, Row("Ungated LoRA", "adapter"),
             Row("PRISM", "gate")]

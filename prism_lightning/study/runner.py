@@ -36,6 +36,10 @@ from prism_lightning.utils.jsonl import JsonlSink
 from prism_lightning.utils.progress import announce
 
 
+# 2: every safety set scored by string match and by the judge (subcategories "Safety/<set> (strings|judge)").
+CELL_FORMAT = 2
+
+
 class BaseModelFront:
     """The evaluation front (``prompt_ids``, ``routes``, ``generate_ids``, ``token_logprobs``) of the base model
     alone: the study measures what a persona does to the untouched model, so every route is ``base``."""
@@ -133,6 +137,7 @@ class StudyRun:
     def _signature(self) -> str:
         """Digest of what a cell's result depends on besides its condition: weights, dtype, template, suites."""
         blob = json.dumps({"model": self.backbone.reference, "dtype": self.backbone.config.dtype,
+                           "cell_format": CELL_FORMAT,
                            "template": template_fingerprint(self.backbone.tokenizer),
                            "suites": asdict(self.suites)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

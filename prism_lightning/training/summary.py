@@ -28,6 +28,9 @@ def judge_verdict(judge: dict) -> str:
     Relevance: a query's own answer vs another query's. Quality: the own answer vs a degraded copy of it. A judge
     must pass both: likelihood scores, for one, see relevance easily and quality less so.
     """
+    if judge.get("protocol") == "intent" and judge.get("intent_scorer") == "none":
+        return ("No judge ran (data.judge.protocol = intent, data.judge.intent_scorer = none): every label is by "
+                "construction.")
     if not judge.get("control_n") and not judge.get("quality_n"):
         return "No control pairs were judged (data.judge.control_pairs = 0): the labels' reliability is unknown."
     text = (f"Judge control accuracy: {_control_text(judge, 'control', 'relevance')}; "

@@ -42,6 +42,9 @@ def check_data(data: Any, benchmark: Optional[Any] = None) -> None:
     at_least("data.queries.per_persona", q.per_persona, 1)
     at_least("data.queries.oversample", q.oversample, 1)
     at_least("data.queries.max_rounds", q.max_rounds, 1)
+    # Under intent, 1 would make every candidate a knowledge question: no persona-domain query left to distill.
+    if j.protocol == "intent" and q.knowledge_every != 0:
+        at_least("data.queries.knowledge_every", q.knowledge_every, 2)
     between("data.queries.near_duplicate", q.near_duplicate, 0, 1, low_open=True)
     check_decoding("data.queries.decoding", q.decoding)
     check_decoding("data.answers.decoding", data.answer_config.decoding)
