@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -43,6 +44,9 @@ class GatedModel:
         self.threshold = threshold
         self.temperature = temperature
         self.formatter = ChatFormatter(backbone.tokenizer)
+        # A call's routes live on the shared LoRA modules (per-row scaling, disabled adapters) while it runs: one call
+        # at a time, so two threads (or a server's requests) never run on each other's routes.
+        self._lock = threading.RLock()
 
     @property
     def adapter_name(self) -> str:
@@ -91,7 +95,7 @@ class GatedModel:
         for index in length_batches(prompt_ids, batch_size):
             ids, mask = left_pad([prompt_ids[i] for i in index], pad, self.backbone.device)
             positions = torch.full((len(index),), ids.shape[1] - 1, device=ids.device)  # left padding: last column
-            with self.model.disable_adapter():
+            with self._lock, self.model.disable_adapter():
                 features = layer0_features(self.model, ids, mask, positions)
             logits = self.gate.adapter_logits(features)
             probs[index] = torch.sigmoid(open_logit(logits) / self.temperature).float().cpu()
@@ -139,7 +143,7 @@ class GatedModel:
         for index in length_batches(prompt_ids, decoding.batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
             names, probs = self.routes(chunk, route, decoding.batch_size)
-            with rows_on_adapters(self.model, names, self.adapters) as routed:
+            with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
                 results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + index[0],
                                          model=self.model, **routed)
             for i, r, p, n in zip(index, results, probs.tolist(), names):
@@ -162,7 +166,7 @@ class GatedModel:
         for index in length_batches(prompt_ids, batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
             names, p = self.routes(chunk, route, batch_size)
-            with rows_on_adapters(self.model, names, self.adapters) as routed:
+            with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
                 values = token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
                                         chunk, tokens, tail, **routed)
             probs[index] = p
