@@ -108,19 +108,23 @@ def main() -> None:
             row("last-layer probe", logistic_probe(last[:n], y_train, last[n:]), y_val),
             row("layer-0 probe, 5-fold CV (all items)", cross_validated(first, labels), labels),
             row("last-layer probe, 5-fold CV (all items)", cross_validated(last, labels), labels)]
-    margins = torch.tensor([abs(i["margin"]) for i in corpus.items])
+    # Labels by construction (the intent protocol) have no margin: the margin figures cover the judged ones.
+    margins = torch.tensor([abs(i["margin"]) for i in corpus.items if i.get("margin") is not None])
     result = {"corpus": str(args.corpus), "protocol": corpus.manifest["judge"]["protocol"], "items": len(items),
               "distill_rate": round(float(labels.float().mean()), 3),
               "distill_rate_per_persona": {p: round(sum(v) / len(v), 3) for p, v in sorted(rates.items())},
-              "share_margin_below_0.05": round(float((margins < 0.05).float().mean()), 3),
-              "median_abs_margin": round(float(margins.median()), 4), "probes": rows}
+              "share_margin_below_0.05": round(float((margins < 0.05).float().mean()), 3) if len(margins) else None,
+              "median_abs_margin": round(float(margins.median()), 4) if len(margins) else None, "probes": rows}
     print(f"corpus {args.corpus}: {len(items)} items ({n} train, {len(val)} held out), distill rate "
           f"{result['distill_rate']:.0%}, protocol {result['protocol']}")
     print(f"{'probe':45s} {'AUROC':>6s}  95% CI")
     for r in rows:
         print(f"{r['probe']:45s} {r['auroc']:6.3f}  {r['ci95'][0]:.2f}–{r['ci95'][1]:.2f} (n = {r['n']})")
-    print(f"labels decided by |margin| < 0.05: {result['share_margin_below_0.05']:.0%}; median |margin| "
-          f"{result['median_abs_margin']}")
+    if len(margins):
+        print(f"labels decided by |margin| < 0.05: {result['share_margin_below_0.05']:.0%}; median |margin| "
+              f"{result['median_abs_margin']}")
+    else:
+        print("no judged label: every label is by construction (no margin to report)")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
 

@@ -195,14 +195,14 @@ def test_samples_below_one_is_one_line(tmp_path):
 def test_the_collator_gives_soft_targets_and_the_gate_trains_on_them():
     from prism_lightning.training.modules.gate import IntentGate
 
-    gate = IntentGate(hidden_size=8, targets="soft")
+    gate = IntentGate(hidden_size=8, targets="soft", standardize=False)  # the loss math, on fixed inputs
     features = torch.randn(4, 8)
     batch = {"features": features, "label": torch.tensor([1.0, 0.0, 0.0, 1.0]),
              "soft_route": torch.tensor([[0.25, 0.75], [1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])}
     expected = torch.nn.functional.binary_cross_entropy_with_logits(gate.mlp(features),
                                                                     batch["soft_route"][:, 1])
     assert float(gate.batch_loss(features, batch)) == pytest.approx(float(expected))
-    hard = IntentGate(hidden_size=8)
+    hard = IntentGate(hidden_size=8, standardize=False)
     hard.mlp.load_state_dict(gate.mlp.state_dict())
     assert float(hard.batch_loss(features, batch)) == pytest.approx(float(
         torch.nn.functional.binary_cross_entropy_with_logits(gate.mlp(features), batch["label"])))

@@ -299,6 +299,7 @@ def test_gate_mlp_shape():
                                                                                             (64, 1)]
     x = torch.randn(5, 24)
     assert gate(x).shape == (5,)
+    gate.eval()  # in training every call adds to the feature statistics (FeatureStandardizer)
     # The temperature divides the logits: P = sigmoid(mlp(x) / T).
     gate.temperature.fill_(2.0)
     torch.testing.assert_close(gate.probability(x), torch.sigmoid(gate.mlp(x) / 2.0))

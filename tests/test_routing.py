@@ -83,7 +83,8 @@ def test_export_writes_a_complete_artifact(tiny_backbones, tiny_llama, tmp_path)
     assert adapter_config["layers_to_transform"] == [1, 2]
 
     # The gate file reproduces the trained gate.
-    gate = GateMLP(64, (128, 64))
+    assert config["gate"]["standardize"] is True  # the default gate scales its features (FeatureStandardizer)
+    gate = GateMLP(64, (128, 64), standardize=True)
     gate.load_state_dict(load_file(directory / GATE_FILE))
     x = torch.randn(5, 64)
     torch.testing.assert_close(gate(x), module.gate.mlp(x))

@@ -47,6 +47,7 @@ def export_artifact(module: Any, directory: Path) -> Path:
         "feature_position": "last prompt token after the generation prompt",
         "persona_placement_trained": module.placement,
         "gate": {"hidden_size": gate.hparams.hidden_size, "dims": list(gate.hparams.dims),
+                 "standardize": gate.mlp.norm is not None,
                  "threshold": float(gate.threshold), "temperature": float(gate.temperature),
                  "adapters": list(module.adapter_names)},
     }

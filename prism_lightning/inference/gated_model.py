@@ -78,7 +78,7 @@ class GatedModel:
         peft_model = backbone.wrap(load)
         peft_model.eval()
         g = config["gate"]
-        gate = GateMLP(g["hidden_size"], g["dims"], len(adapters))
+        gate = GateMLP(g["hidden_size"], g["dims"], len(adapters), g.get("standardize", False))
         gate.load_state_dict(read_safetensors(directory / GATE_FILE))
         gate.eval().to(backbone.device)
         return cls(backbone, peft_model, gate, float(g["threshold"]), float(g["temperature"]), adapters)

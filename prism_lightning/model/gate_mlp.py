@@ -8,16 +8,55 @@ import torch
 from torch import nn
 
 
+class FeatureStandardizer(nn.Module):
+    """Scales each feature by the running mean and standard deviation of the features seen in training.
+
+    Layer-0 states carry a few dimensions two orders of magnitude larger than the rest; an MLP on them raw, at the
+    gate's learning rate, collapses to one output for every query. In training every batch first adds to the
+    running statistics (exact pooled mean and variance, so the result does not depend on batch size), then is scaled
+    by them (no gradient through them); in eval the stored statistics are used. Buffers: they travel in
+    checkpoints and exports.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(size, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Pool a batch [B, H] into the running statistics (Chan et al.'s parallel update)."""
+        x = x.detach().double()
+        n, mean = x.shape[0], x.mean(0)
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += ((x - mean) ** 2).sum(0) + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count += n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardized features [B, H] (unchanged until two rows have been seen)."""
+        if self.training and torch.is_grad_enabled():  # training steps only, never a no-grad routing call
+            self.update(x)
+        if self.count < 2:
+            return x
+        std = (self.m2 / (self.count - 1)).sqrt().clamp_min(1e-6)
+        return (x - self.mean.to(x.dtype)) / std.to(x.dtype)
+
+
 class GateMLP(nn.Module):
     """Maps a hidden state to K adapter logits; the "none" outcome's logit is pinned at 0.
 
     So P(none) = 1 / (1 + Σ exp z_k), P(route to an adapter) = sigmoid(logsumexp z) — the *open logit* every
     binary view (calibration, AUROC, threshold) reads — and the adapter taken is argmax z. With K = 1 this is
-    exactly the binary gate: the open logit is z.
+    exactly the binary gate: the open logit is z. ``standardize`` puts a ``FeatureStandardizer`` in front (exports
+    made before it existed have none).
     """
 
-    def __init__(self, hidden_size: int, dims: Sequence[int] = (128, 64), outputs: int = 1) -> None:
+    def __init__(self, hidden_size: int, dims: Sequence[int] = (128, 64), outputs: int = 1,
+                 standardize: bool = False) -> None:
         super().__init__()
+        self.norm = FeatureStandardizer(hidden_size) if standardize else None
         layers: list[nn.Module] = []
         width = hidden_size
         for dim in dims:
@@ -30,7 +69,8 @@ class GateMLP(nn.Module):
     def adapter_logits(self, features: torch.Tensor) -> torch.Tensor:
         """Per-adapter logits [B, K] from features [B, H] (computed in fp32 whatever the backbone's dtype)."""
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return self.net(features.float())
+            features = features.float()
+            return self.net(self.norm(features) if self.norm is not None else features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Open logits [B]: log-odds of routing to any adapter rather than to the base."""

@@ -59,17 +59,18 @@ class IntentGate(L.LightningModule):
         outputs: adapters the gate chooses among (K; 1 = binary PRISM).
         targets: ``hard`` trains toward each query's 0/1 label (its route); ``soft`` toward its win probability
             (batches then carry ``soft_route``, [B, K + 1]). Calibration and AUROC read the hard label either way.
+        standardize: scale the features by their running training statistics first (``FeatureStandardizer``).
     """
 
     def __init__(self, hidden_size: int = 576, dims: Sequence[int] = (128, 64), lr: float = 1e-3,
                  weight_decay: float = 0.01, threshold: float = 0.5, temperature: float = 1.0,
-                 outputs: int = 1, targets: Literal["hard", "soft"] = "hard") -> None:
+                 outputs: int = 1, targets: Literal["hard", "soft"] = "hard", standardize: bool = True) -> None:
         super().__init__()
         if targets not in ("hard", "soft"):
             raise PrismError(f"gate targets must be 'hard' or 'soft', got {targets!r}")
         self.save_hyperparameters()
         self.targets = targets
-        self.mlp = GateMLP(hidden_size, dims, outputs)
+        self.mlp = GateMLP(hidden_size, dims, outputs, standardize)
         # Buffers, so calibration results travel in checkpoints and exports.
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))

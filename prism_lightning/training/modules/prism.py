@@ -40,6 +40,8 @@ class PrismModule(DistillationStudent):
         gate_weight: weight of the gate's BCE in the summed loss.
         gate_targets: ``hard`` (each query's 0/1 label, the paper) or ``soft`` (its win probability over
             ``data.labels.samples`` judged pairs; K-way: the adapters' win probabilities).
+        gate_standardize: the gate scales its layer-0 features by their running training statistics (without it
+            the raw features' few huge dimensions make the MLP collapse to one output at gate_lr 1e-2).
         threshold: routing threshold (calibration may change it).
         weight_decay: AdamW weight decay.
         warmup_ratio: share of steps with linear warmup.
@@ -60,7 +62,7 @@ class PrismModule(DistillationStudent):
                  placement: str = "system", predict_decoding: DecodingConfig = DecodingConfig(),
                  divergence_limit: float = 1e4, gradient_checkpointing: bool = False, head_chunk: int = 1024,
                  prefix_reuse: bool = True, adapters: Sequence[str] = (),
-                 gate_targets: Literal["hard", "soft"] = "hard") -> None:
+                 gate_targets: Literal["hard", "soft"] = "hard", gate_standardize: bool = True) -> None:
         super().__init__(backbone, lora, temperature, top_k, retain_weight, lr, weight_decay, warmup_ratio,
                          divergence_limit, gradient_checkpointing, head_chunk, prefix_reuse, adapters)
         self.save_hyperparameters()
@@ -83,7 +85,7 @@ class PrismModule(DistillationStudent):
         if self.gate is None:
             self.gate = IntentGate(self.backbone.model.config.hidden_size, self.hparams.gate_dims,
                                    threshold=self.hparams.threshold, outputs=len(self.adapter_names),
-                                   targets=self.hparams.gate_targets)
+                                   targets=self.hparams.gate_targets, standardize=self.hparams.gate_standardize)
 
     def on_fit_start(self) -> None:
         """Announce the training stage with what it trains on."""
