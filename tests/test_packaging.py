@@ -69,7 +69,8 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
     assert result["templates"], "package data (chat templates) missing from the wheel"
     assert result["domains"] == ["domains.yaml"], "package data (persona domains) missing from the wheel"
     shipped = sorted(p.name for p in (ROOT / "prism_lightning" / "evaluation" / "data").rglob("*") if p.is_file())
-    assert result["benchmarks"] == shipped and len(shipped) == 7, "benchmark files or licences missing from the wheel"
+    # 3 benchmarks + refusal strings, their README, 4 licence texts
+    assert result["benchmarks"] == shipped and len(shipped) == 9, "benchmark files or licences missing from the wheel"
     help_out = subprocess.run([str(wheel_env / "bin" / "prism"), "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]

@@ -20,14 +20,15 @@ class FeatureStandardizer(nn.Module):
 
     def __init__(self, size: int) -> None:
         super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("mean", torch.zeros(size, dtype=torch.float64))
-        self.register_buffer("m2", torch.zeros(size, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("m2", torch.zeros(size))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        """Pool a batch [B, H] into the running statistics (Chan et al.'s parallel update)."""
-        x = x.detach().double()
+        """Pool a batch [B, H] into the running statistics (Chan et al.'s parallel update), in the buffers' dtype
+        (a strategy such as DeepSpeed may have cast them)."""
+        x = x.detach().to(self.mean.dtype)
         n, mean = x.shape[0], x.mean(0)
         delta, total = mean - self.mean, self.count + n
         self.m2 += ((x - mean) ** 2).sum(0) + delta ** 2 * self.count * n / total
