@@ -141,9 +141,10 @@ class CorpusBuilder:
         personas = {p.name: p.text if p.kind == "persona" else [p.kind, p.placement, p.text] for p in self.registry}
         # Every prompt is rendered through the chat template (and its variables): a new template is a new stage.
         # knowledge_every changes stage 1 only when the intent protocol uses it (so other corpora keep their hash).
+        every = self.knowledge_every()
         h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
                                 personas, self._intent_free_configs()[0],
-                                *([{"knowledge_every": self.knowledge_every()}] if self.knowledge_every() else []))
+                                *([{"knowledge_every": every}] if every else []))
         # One sample hashes as before m existed, so existing corpora stay valid.
         h_answers = stable_hash(h_queries, self.answers, self.placement,
                                 *([{"samples": self.samples}] if self.samples > 1 else []))
@@ -193,7 +194,7 @@ class CorpusBuilder:
         # Under intent, queries labelled by construction are never judged; the controls come from the judged ones.
         judged, built = split_by_source(queries, self.judge)
         scoring = self.judge.scored()
-        by_kind = {}
+        by_kind, controls = {}, []
         if self.scorer_kinds():
             controls = control_pairs(judged, self.judge.control_pairs)
             comparisons = (main_comparisons(judged, candidates, answers, self.samples)
@@ -277,11 +278,12 @@ class CorpusBuilder:
             mine = [i for i in items if i["persona"] == name]
             per_persona[name] = {"queries": len(mine), "distill": sum(i["label"] for i in mine)}
         distill = sum(i["label"] for i in items)
+        queries_config, judge_config = self._intent_free_configs()
         return {
             "format_version": FORMAT_VERSION,
             "model": backbone.reference,
-            "config_hash": stable_hash(self.backbone_config, self.registry.names, self._intent_free_configs()[0],
-                                       self.answers, self._intent_free_configs()[1], self.placement,
+            "config_hash": stable_hash(self.backbone_config, self.registry.names, queries_config,
+                                       self.answers, judge_config, self.placement,
                                        *([{"samples": self.samples}] if self.samples > 1 else []),
                                        *([{"intent": [self.knowledge_every(), self.judge.intent_scorer]}]
                                          if self.judge.protocol == "intent" else [])),

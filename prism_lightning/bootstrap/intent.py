@@ -27,8 +27,9 @@ def constructed_label(query: dict, config: JudgeConfig) -> Optional[int]:
 
 def split_by_source(queries: list[dict], config: JudgeConfig) -> tuple[list[dict], list[dict]]:
     """(queries a judge labels, queries labelled by construction), each in input order."""
-    judged = [q for q in queries if constructed_label(q, config) is None]
-    built = [q for q in queries if constructed_label(q, config) is not None]
+    judged, built = [], []
+    for query in queries:
+        (judged if constructed_label(query, config) is None else built).append(query)
     return judged, built
 
 
