@@ -37,6 +37,7 @@ from prism_lightning.model.adapters import adapter_names
 from prism_lightning.model.backbone import BackboneConfig
 from prism_lightning.model.generation import DecodingConfig
 from prism_lightning.model.lora import LoraSettings
+from prism_lightning.serving.command import serve_command
 from prism_lightning.study.config import StudyConfig
 from prism_lightning.study.runner import StudyRun, print_plan
 from prism_lightning.training.callbacks.prediction_writer import PredictionWriter
@@ -318,14 +319,21 @@ def discard_empty_log_dir(cli: Optional[PrismCLI]) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+DESCRIPTION = ("PRISM: self-distil an expert persona into a gated LoRA adapter. Also: `prism serve --export DIR` "
+               "serves an export over OpenAI's HTTP API (`prism serve --help`).")
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``prism`` console script."""
     quiet_third_party_notices()
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
+        check_config_files(argv)
+        if argv[:1] == ["serve"]:
+            return serve_command(argv[1:])
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,
-                 parser_class=PrismArgumentParser)
+                 parser_class=PrismArgumentParser, parser_kwargs={"description": DESCRIPTION})
     except KeyboardInterrupt:
         report("interrupted; finished work is kept (stage files, last.ckpt) — rerun the same command to resume")
         sys.exit(130)

@@ -185,7 +185,7 @@ def test_quickstart_on_two_processes_under_zero2_exports_a_loadable_artifact(tmp
     run_prism("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), *distributed("deepspeed_stage_2"),
               "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "1", "--data.bootstrap", "false",
               "--data.corpus_dir", str(corpus), "--data.personas.names", "[math, writing]",
-              "--data.personas.granularity", "min", timeout=1500)
+              "--data.personas.granularity", "min", "--trainer.callbacks.init_args.n", "8", timeout=1500)
     for states in (run / "checkpoints" / "last.ckpt" / "checkpoint").glob("*model_states.pt"):
         assert trainable_only(torch.load(states, weights_only=True, map_location="cpu")["module"]), states.name
     code = ("import json, sys; from prism_lightning import GatedModel; from prism_lightning.model.generation import "

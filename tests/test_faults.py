@@ -328,7 +328,7 @@ def test_the_quickstart_killed_after_epoch_1_of_2_resumes_and_matches(tmp_path):
     from test_readme_commands import write_fixtures
 
     config = write_fixtures(tmp_path)["C"].split()
-    base = ["--config", *config[:1], "--config", config[-1], "--data.corpus_dir", str(tmp_path / "corpus")]
+    base = ["--config", *config, "--data.corpus_dir", str(tmp_path / "corpus")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "TERM": "dumb"}
 
     def fit(root: Path, *extra: str) -> subprocess.CompletedProcess:

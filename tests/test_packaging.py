@@ -74,5 +74,5 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
     help_out = subprocess.run([str(wheel_env / "bin" / "prism"), "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]
-    for command in ("fit", "validate", "test", "predict", "bootstrap", "export"):
-        assert command in help_out.stdout
+    for command in ("fit", "validate", "test", "predict", "bootstrap", "export", "prism serve --export"):
+        assert command in " ".join(help_out.stdout.split())

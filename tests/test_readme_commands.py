@@ -55,16 +55,23 @@ def write_fixtures(tmp: Path) -> dict[str, str]:
     }
     small = tmp / "small.yaml"
     small.write_text(yaml.safe_dump(overlay))
-    return {"C": f"{ROOT / 'configs' / 'quickstart.yaml'} --config {small}", "P.jsonl": str(predict),
-            "D": str(tmp / "exported"), "<cmd>": "fit"}
+    # The quickstart's MMLU check (its last callback) on 8 items instead of 60: ~40 s less per command that runs it.
+    return {"C": f"{ROOT / 'configs' / 'quickstart.yaml'} --config {small} --trainer.callbacks.init_args.n 8",
+            "P.jsonl": str(predict), "D": str(tmp / "exported"), "<cmd>": "fit"}
+
+
+# `prism study` on the overlay with one matched-persona condition besides no persona and the two controls (the
+# default grid has six): the command as written, at a third of its cost; tests/test_study_cli.py covers the grid.
+STUDY_SMALL = ["--study.granularities", "[min]", "--study.placements", "[system]"]
 
 
 def expand(command: str, values: dict[str, str]) -> list[str]:
-    """The README command with its placeholders (C, P.jsonl, D, <cmd>) replaced, as an argv after `prism`."""
+    """The README command with its placeholders (C, P.jsonl, D, <cmd>) replaced, as an argv after `prism` (plus
+    STUDY_SMALL for the study)."""
     words = []
     for word in command.split()[1:]:
         words += values[word].split() if word in values else [word]
-    return words
+    return words + (STUDY_SMALL if words[0] == "study" else [])
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +153,63 @@ def test_everything_lands_under_the_run_root(table_run):
     exported = Path(table_run["values"]["D"])
     assert (exported / "gate.safetensors").is_file() and (exported / "adapter" / "adapter_config.json").is_file()
     assert (run / "benchmark" / "metrics.json").is_file()
+
+
+# --------------------------------------------------------------------------- the serving section
+def readme_serving() -> tuple[str, str, str]:
+    """The README's `prism serve` command, its curl call and its openai-client snippet, as written."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Serving over HTTP"):]
+    section = section[:section.index("\n## ", 4)]
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", section, flags=re.S)
+    serve = next(b for lang, b in blocks if lang == "bash" and b.startswith("prism serve")).strip()
+    curl = next(b for lang, b in blocks if lang == "bash" and b.startswith("curl")).strip()
+    snippet = next(b for lang, b in blocks if lang == "python")
+    return serve, curl, snippet
+
+
+def test_the_readme_serve_commands_answer_with_the_gated_models_own_output(table_run):
+    """`prism serve` on the trained export: the README's curl and openai calls get the text, route and gate
+    probability that `GatedModel.generate` gives in this process (greedy, same prompt and budget)."""
+    import socket
+    import time
+    import urllib.request
+
+    from prism_lightning.inference.gated_model import GatedModel
+    from prism_lightning.model.generation import DecodingConfig
+
+    serve, curl, snippet = readme_serving()
+    run = table_run["tmp"] / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = [str(run / "export") if w == "runs/quickstart/export" else w for w in serve.split()[1:]]
+    server = subprocess.Popen([*PRISM, *args, "--port", port, "--log_level", "warning"], cwd=table_run["tmp"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        by_curl = subprocess.run(["bash", "-c", curl.replace("8000", port)], capture_output=True, text=True,
+                                 timeout=300)
+        by_client = subprocess.run([sys.executable, "-c", snippet.replace("8000", port)], capture_output=True,
+                                   text=True, timeout=300)
+    finally:
+        server.terminate()
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0 and "stopped by SIGTERM" in out, err[-3000:]
+    assert by_client.returncode == 0, by_client.stderr[-3000:]
+    reply = json.loads(by_curl.stdout)
+    model = GatedModel.from_pretrained(run / "export")
+    # One prompt per call, as the server got them (one request at a time: no batch-mates, no padding).
+    haiku, product = (model.generate([p], DecodingConfig(max_new_tokens=48))[0]
+                      for p in ("Write a haiku about rain.", "What is 17 * 23?"))
+    assert reply["choices"][0]["message"]["content"].strip() == haiku["text"]
+    assert reply["prism"] == {"route": haiku["route"], "probability": haiku["probability"]}
+    assert reply["usage"]["prompt_tokens"] == len(model.prompt_ids("Write a haiku about rain."))
+    assert repr({"route": product["route"], "probability": product["probability"]}) in by_client.stdout
+    assert product["text"].split("\n")[0] in by_client.stdout

@@ -129,6 +129,34 @@ class GatedModel:
             probs = nan
         return names, probs
 
+    def mixed_routes(self, prompt_ids: Sequence[Sequence[int]], requested: Sequence[str],
+                     batch_size: int = 16) -> tuple[list[str], torch.Tensor]:
+        """``routes`` with a route asked per row (a server's requests): rows asking the same route are routed
+        together, so the gate runs once, on the rows that need it."""
+        names: list[str] = [BASE] * len(prompt_ids)
+        probs = torch.full((len(prompt_ids),), float("nan"))
+        for route in dict.fromkeys(requested):
+            index = [i for i, r in enumerate(requested) if r == route]
+            got, p = self.routes([prompt_ids[i] for i in index], route, batch_size)
+            for i, name in zip(index, got):
+                names[i] = name
+            probs[index] = p
+        return names, probs
+
+    @torch.no_grad()
+    def generate_rows(self, prompt_ids: Sequence[Sequence[int]], names: Sequence[str], decoding: DecodingConfig,
+                      seed: Optional[int] = None, **generate_kwargs) -> list[dict]:
+        """One generate call, row ``b`` on PEFT adapter ``names[b]`` (``__base__``: the untouched base);
+        ``generate_kwargs`` go to ``generate`` (a server's stopping criteria)."""
+        with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
+            return generate_batch(self.backbone, [list(p) for p in prompt_ids], decoding, seed=seed,
+                                  model=self.model, **routed, **generate_kwargs)
+
+    def route_fields(self, name: str, probability: float) -> dict:
+        """How a row's route is reported: ``route`` (adapter|base), ``probability`` and, with K adapters, which."""
+        return {"route": "base" if name == BASE else "adapter", "probability": reported(probability),
+                **({"adapter": None if name == BASE else name} if len(self.adapters) > 1 else {})}
+
     def prompt_ids(self, prompt: str, persona: Optional[str] = None, history: Sequence[tuple[str, str]] = (),
                    placement: Optional[str] = None) -> list[int]:
         """Chat-formatted prompt ids (a persona only for the expert-prompting baseline, placed as ``placement``)."""
@@ -143,12 +171,9 @@ class GatedModel:
         for index in length_batches(prompt_ids, decoding.batch_size):
             chunk = [list(prompt_ids[i]) for i in index]
             names, probs = self.routes(chunk, route, decoding.batch_size)
-            with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
-                results = generate_batch(self.backbone, chunk, decoding, seed=decoding.seed + index[0],
-                                         model=self.model, **routed)
+            results = self.generate_rows(chunk, names, decoding, seed=decoding.seed + index[0])
             for i, r, p, n in zip(index, results, probs.tolist(), names):
-                out[i] = {**r, "probability": reported(p), "route": "base" if n == BASE else "adapter",
-                          **({"adapter": None if n == BASE else n} if len(self.adapters) > 1 else {})}
+                out[i] = {**r, **self.route_fields(n, p)}
         return out
 
     def generate(self, prompts: Sequence[str], decoding: DecodingConfig = DecodingConfig(),

@@ -117,6 +117,13 @@ class ChatFormatter:
         return self.tokenizer(self.prompt_text(query, persona, placement, history),
                               add_special_tokens=False)["input_ids"]
 
+    def conversation_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a whole conversation (``{"role", "content"}`` dicts, ending with a user turn) plus the
+        generation prompt: what a chat endpoint's client sends."""
+        text = self.tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                  add_generation_prompt=True, **self.template_kwargs)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def context_prefix(self, persona: Optional[str], placement: Optional[Placement] = None) -> list[int]:
         """The prompt tokens that come before any query with this persona: template header and persona block."""
         first, second = (self.prompt_ids(q, persona, placement) for q in _PREFIX_PROBES)

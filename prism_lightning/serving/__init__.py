@@ -1,0 +1,1 @@
+"""``prism serve``: an exported PRISM model behind an OpenAI-compatible HTTP API (optional extra ``serve``)."""
