@@ -228,6 +228,8 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_output(server, 
      "messages[0].role"),
     (json.dumps({"model": "prism", "messages": [{"role": "user", "content": "word " * 2100}]}).encode(), 400,
      "messages"),
+    (json.dumps({"model": "prism", "messages": [{"role": "user", "content": "hi"}], "logprobs": True}).encode(),
+     400, "logprobs"),
 ])
 def test_a_bad_request_gets_an_openai_error_and_the_server_goes_on(server, body, status, param):
     code, reply = server.post("/v1/chat/completions", body)
@@ -248,6 +250,19 @@ def test_the_openai_client_raises_its_own_errors(server):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="prism", prompt="hi", max_tokens=-3)
+
+
+def test_a_streaming_client_that_leaves_stops_its_rows_generation(server):
+    before = server.health()["cancelled_rows"]
+    stream = server.client().chat.completions.create(
+        model="prism:adapter", messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=1900, stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)  # generating
+    stream.close()
+    deadline = time.monotonic() + 120
+    while server.health()["cancelled_rows"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.health()["cancelled_rows"] == before + 1
 
 
 def test_sigterm_finishes_the_request_in_flight_then_exits(export):

@@ -174,11 +174,31 @@ def _file_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
 
 
+def _gguf_cache_dir(path: Path) -> Path:
+    return cache_root() / "gguf" / f"{path.stem}-{_file_key(path)}"
+
+
+def hf_directory(config: BackboneConfig) -> Path:
+    """A directory of Hugging Face weights for ``config`` (what an engine such as vLLM loads): the configured
+    directory, or the cached conversion of a GGUF model (the embedded one included), converted on first use."""
+    name = config.name_or_path
+    path = embedded_gguf_path() if name == EMBEDDED else Path(name).expanduser()
+    if name == EMBEDDED or path.suffix == ".gguf":
+        cached = _gguf_cache_dir(path)
+        if not (cached / "model.safetensors").is_file():
+            _load_gguf(path, torch.float32)
+        return cached
+    if path.is_dir():
+        return path
+    raise PrismError(f"backbone.name_or_path: {name!r} is not a local model directory or GGUF file; this engine "
+                     f"loads local weights (download the model first)")
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     """Dequantize a GGUF file once and cache it as safetensors, so later loads take a fraction of a second."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy; `import prism_lightning` stays light
 
-    cached = cache_root() / "gguf" / f"{path.stem}-{_file_key(path)}"
+    cached = _gguf_cache_dir(path)
     if (cached / "model.safetensors").is_file() and (cached / "tokenizer_config.json").is_file():
         return (AutoModelForCausalLM.from_pretrained(cached, dtype=dtype),
                 AutoTokenizer.from_pretrained(cached))

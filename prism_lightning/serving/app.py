@@ -87,11 +87,17 @@ def create_app(model: GatedModel, settings: ServeSettings = ServeSettings()) -> 
         return JSONResponse(ApiError(exc.status_code, str(exc.detail), code=str(exc.status_code)).body(),
                             status_code=exc.status_code)
 
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        error = ApiError(500, f"{type(exc).__name__}: {exc}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
     @app.get("/health")
     async def health() -> dict:
         stats = batcher.stats
         return {"status": "ok", "model": settings.model_name, "adapters": model.adapters,
-                "batches": stats.batches, "rows": stats.rows, "largest_batch": stats.largest}
+                "batches": stats.batches, "rows": stats.rows, "largest_batch": stats.largest,
+                "cancelled_rows": stats.cancelled}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -99,6 +105,7 @@ def create_app(model: GatedModel, settings: ServeSettings = ServeSettings()) -> 
                                            for m in models]}
 
     def route_of(request: SamplingRequest) -> str:
+        request.check_supported()
         if request.model not in models:
             raise ApiError(404, f"model {request.model!r} does not exist; served: {', '.join(models)}", "model",
                            "model_not_found")
@@ -169,15 +176,17 @@ def create_app(model: GatedModel, settings: ServeSettings = ServeSettings()) -> 
             return sse(envelope(kind_name, rid, request.model, [choice], route))
 
         async def body() -> AsyncIterator[str]:
-            if chat:
-                yield chunk("", None, role=True)
-            while True:
-                kind, value = await events.get()
-                if kind == "text":
+            try:
+                if chat:
+                    yield chunk("", None, role=True)
+                while True:
+                    kind, value = await events.get()
+                    if kind == "end":
+                        break
                     yield chunk(value, None)
-                    continue
-                if kind == "end":
-                    break
+            finally:  # the client left (Starlette cancels the stream): stop generating its row
+                if not task.done():
+                    job.cancel()
             try:
                 done: Completion = value.result()
             except Exception as exc:  # noqa: BLE001 - the stream is open: the error goes in it

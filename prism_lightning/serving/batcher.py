@@ -31,6 +31,11 @@ class Job:
     on_start: Optional[Callable[[dict], None]] = None
     on_text: Optional[Callable[[str], None]] = None
     future: Optional[asyncio.Future] = field(default=None, repr=False)
+    cancelled: bool = False  # set by the server when a streaming client disconnects
+
+    def cancel(self) -> None:
+        """Stop generating for this job at the next step (its row is padded from then on)."""
+        self.cancelled = True
 
     def sampling_key(self) -> tuple:
         """Rows that can share one ``generate`` call: all greedy rows; sampled rows with the same parameters."""
@@ -50,11 +55,13 @@ class Completion:
 
 @dataclass
 class BatchStats:
-    """Running counts, for ``/health`` and the load bench: batches run, rows in them, the largest batch."""
+    """Running counts, for ``/health`` and the load bench: batches run, rows in them, the largest batch, rows
+    stopped early because their client left."""
 
     batches: int = 0
     rows: int = 0
     largest: int = 0
+    cancelled: int = 0
 
 
 class MicroBatcher:
@@ -145,7 +152,8 @@ class MicroBatcher:
             decoding = DecodingConfig(max_new_tokens=max(batch[i].max_tokens for i in index),
                                       temperature=first.temperature, top_p=first.top_p, seed=seed,
                                       batch_size=len(index))
-            states = [RowState(batch[i].max_tokens, batch[i].stop, batch[i].on_text) for i in index]
+            states = [RowState(batch[i].max_tokens, batch[i].stop, batch[i].on_text,
+                               (lambda job=batch[i]: job.cancelled)) for i in index]
             criteria = RowStops(model.backbone.tokenizer, max(len(prompts[i]) for i in index), states, eos)
             model.generate_rows([prompts[i] for i in index], [names[i] for i in index], decoding, seed=seed,
                                 stopping_criteria=StoppingCriteriaList([criteria]))
@@ -155,6 +163,7 @@ class MicroBatcher:
         self.stats.batches += 1
         self.stats.rows += len(batch)
         self.stats.largest = max(self.stats.largest, len(batch))
+        self.stats.cancelled += sum(r.finish_reason == "cancelled" for r in rows)
         return [Completion(text=r.text, prompt_tokens=len(p), completion_tokens=r.generated,
                            finish_reason=r.finish_reason or "length", route=route)
                 for r, p, route in zip(rows, prompts, routes)]

@@ -73,6 +73,16 @@ class SamplingRequest(BaseModel):
             raise ValueError("n must be 1 (send one request per completion)")
         return value
 
+    def check_supported(self) -> None:
+        """Refuse the OpenAI options this server does not implement, rather than ignore them silently."""
+        extra = self.model_extra or {}
+        for key in ("logprobs", "top_logprobs", "echo", "tools", "functions", "suffix"):
+            if extra.get(key):
+                raise ApiError(400, f"{key} is not supported by prism serve", key)
+        if (extra.get("best_of") or 1) > 1:
+            raise ApiError(400, "best_of is not supported by prism serve (send one request per completion)",
+                           "best_of")
+
     def stops(self) -> tuple[str, ...]:
         """The stop strings (OpenAI allows up to 4)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -14,11 +14,13 @@ TextSink = Callable[[str], None]
 
 @dataclass
 class RowState:
-    """One row's generated tokens, text and how it ended (``stop``: end of turn or a stop string; ``length``)."""
+    """One row's generated tokens, text and how it ended (``stop``: end of turn or a stop string; ``length``;
+    ``cancelled``: its client left)."""
 
     limit: int
     stops: tuple[str, ...] = ()
     on_text: Optional[TextSink] = None
+    cancelled: Callable[[], bool] = lambda: False  # the client went away: stop generating for it
     tokens: list[int] = field(default_factory=list)  # the text's tokens (an end-of-turn token is not text)
     generated: int = 0  # tokens the model produced for this row, an end-of-turn token included (usage counts it)
     text: str = ""
@@ -52,6 +54,9 @@ class RowStops(StoppingCriteria):
             if row.done or token is None:
                 continue
             row.generated += 1
+            if row.cancelled():
+                row.finish_reason = "cancelled"
+                continue
             if token in self.eos:
                 row.finish_reason = "stop"
             else:
