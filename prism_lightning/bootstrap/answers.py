@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from prism_lightning.bootstrap.config import AnswerConfig
 from prism_lightning.contexts.personas import PersonaRegistry
 from prism_lightning.model.backbone import Backbone
 from prism_lightning.model.chat import ChatFormatter
-from prism_lightning.model.generation import generate_into
+from prism_lightning.model.generation import Engine, generate_into
 from prism_lightning.utils.jsonl import JsonlSink
 
 BASELINE = "__base__"
@@ -25,7 +26,8 @@ def answer_personas(query: dict, registry: PersonaRegistry, config: AnswerConfig
 
 
 def run_answers(backbone: Backbone, formatter: ChatFormatter, registry: PersonaRegistry, queries: list[dict],
-                config: AnswerConfig, sink: JsonlSink, samples: int = 1) -> dict[str, dict[str, str]]:
+                config: AnswerConfig, sink: JsonlSink, samples: int = 1,
+                engine: Optional[Engine] = None) -> dict[str, dict[str, str]]:
     """Generate missing answers; returns ``{query_id: {answer key: text}}`` (``sample_key`` of persona or
     ``__base__``).
 
@@ -46,7 +48,7 @@ def run_answers(backbone: Backbone, formatter: ChatFormatter, registry: PersonaR
         config.decoding, batch_size=config.decoding.batch_size * samples)
     generate_into(backbone, items, decoding, sink, "stage 2 answers",
                   lambda item, out: {"id": item["id"], "query_id": item["query_id"], "persona": item["persona"],
-                                     **out})
+                                     **out}, engine)
     answers: dict[str, dict[str, str]] = {}
     for item in items:
         answers.setdefault(item["query_id"], {})[item["key"]] = sink.get(item["id"])["text"]

@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from prism_lightning.bootstrap import degrade, source_bias
 from prism_lightning.bootstrap.answers import answer_personas, run_answers
@@ -32,6 +32,7 @@ from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.distributed.sharding import Shard, ShardedSink
 from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
 from prism_lightning.model.chat import ChatFormatter, Placement, template_fingerprint
+from prism_lightning.model.generation import Engine
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.jsonl import read_jsonl_numbered, read_text, write_json, write_jsonl
 
@@ -112,13 +113,14 @@ class CorpusBuilder:
 
     def __init__(self, backbone: BackboneConfig, personas: PersonaConfig, queries: QueryConfig,
                  answers: AnswerConfig, judge: JudgeConfig, placement: Placement, directory: Path,
-                 labels: LabelConfig = LabelConfig()) -> None:
+                 labels: LabelConfig = LabelConfig(), engine: str = "hf") -> None:
         self.backbone_config = backbone
         self.registry = PersonaRegistry.from_config(personas)
         self.queries, self.answers, self.judge = queries, answers, judge
         self.samples = labels.samples
         self.placement = placement
         self.directory = Path(directory)
+        self.engine = engine
 
     def scorer_kinds(self) -> list[str]:
         """The judge scorers this run needs: the scoring protocol's, or all of them when comparing protocols
@@ -144,7 +146,8 @@ class CorpusBuilder:
         every = self.knowledge_every()
         h_queries = stable_hash(FORMAT_VERSION, backbone.fingerprint, template_fingerprint(backbone.tokenizer),
                                 personas, self._intent_free_configs()[0],
-                                *([{"knowledge_every": every}] if every else []))
+                                *([{"knowledge_every": every}] if every else []),
+                                *([{"engine": self.engine}] if self.engine != "hf" else []))
         # One sample hashes as before m existed, so existing corpora stay valid.
         h_answers = stable_hash(h_queries, self.answers, self.placement,
                                 *([{"samples": self.samples}] if self.samples > 1 else []))
@@ -172,11 +175,13 @@ class CorpusBuilder:
         Judge(judge_backbone, self.judge)  # a judge that cannot read verdicts fails now, not after stages 1-2
         hashes = self.stage_hashes(backbone, judge_backbone)
         stages = self.directory / "stages"
+        engine = self._engine(backbone, shard)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
         queries = run_queries(backbone, self.registry, self.queries,
-                              ShardedSink(stages / f"queries-{hashes['queries']}.jsonl", shard), self.knowledge_every())
+                              ShardedSink(stages / f"queries-{hashes['queries']}.jsonl", shard), self.knowledge_every(),
+                              engine)
         shard.together(lambda: write_jsonl(self.directory / "queries.jsonl", queries) if shard.rank == 0 else None)
         timings["queries"] = time.perf_counter() - start
         if not queries:
@@ -186,7 +191,8 @@ class CorpusBuilder:
         start = time.perf_counter()
         formatter = ChatFormatter(backbone.tokenizer, self.placement)
         answers = run_answers(backbone, formatter, self.registry, queries, self.answers,
-                              ShardedSink(stages / f"answers-{hashes['answers']}.jsonl", shard), self.samples)
+                              ShardedSink(stages / f"answers-{hashes['answers']}.jsonl", shard), self.samples,
+                              engine)
         timings["answers"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -245,6 +251,17 @@ class CorpusBuilder:
             del judge_backbone
             release_backbone(self.judge.model)
         return Corpus(self.directory, items, manifest)
+
+    def _engine(self, backbone: Backbone, shard: Shard) -> Optional[Engine]:
+        """The generation engine of stages 1 and 2: None for Hugging Face ``generate``, else a vLLM engine."""
+        if self.engine == "hf":
+            return None
+        if shard.world > 1:
+            raise PrismError("data.engine: vllm runs in one process (vLLM schedules the prompts itself); "
+                             "launch without torchrun/srun, or use data.engine hf")
+        from prism_lightning.model.vllm_engine import VllmEngine  # lazy: only the vLLM environment has vllm
+
+        return VllmEngine(backbone, self.backbone_config)
 
     def _reused_stage_facts(self, hashes: dict, measured: dict, world: int) -> tuple[dict, dict]:
         """Seconds and world size per stage, kept as recorded for stages that a rerun found done (not redone).

@@ -11,7 +11,7 @@ from prism_lightning.contexts.kinds import KINDS, candidate_frame
 from prism_lightning.contexts.personas import Persona, PersonaRegistry
 from prism_lightning.model.backbone import Backbone
 from prism_lightning.model.chat import ChatFormatter
-from prism_lightning.model.generation import generate_into
+from prism_lightning.model.generation import Engine, generate_into
 from prism_lightning.utils.jsonl import JsonlSink
 
 _PREFIX = re.compile(r"^\s*(?:[*_]{0,2}\s*(?:user'?s?\s+)?(?:question|query|request|message|q)\s*#?\s*\d*\s*"
@@ -90,7 +90,7 @@ def select_queries(raw: list[dict], registry: PersonaRegistry, config: QueryConf
 
 
 def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConfig, sink: JsonlSink,
-                knowledge_every: int = 0) -> list[dict]:
+                knowledge_every: int = 0, engine: Optional[Engine] = None) -> list[dict]:
     """Generate candidates in rounds until each persona has ``per_persona`` queries or rounds run out.
 
     ``knowledge_every`` > 0 (the intent protocol): every n-th candidate of a persona is a knowledge question.
@@ -111,6 +111,6 @@ def run_queries(backbone: Backbone, registry: PersonaRegistry, config: QueryConf
                                                                  KINDS[persona.kind].curator)})
         generate_into(backbone, items, config.decoding, sink, f"stage 1 queries (round {round_ + 1})",
                       lambda item, out: {"id": item["id"], "persona": item["persona"], "index": item["index"],
-                                         **out})
+                                         **out}, engine)
         selected = select_queries(sink.records(), registry, config, knowledge_every)
     return selected

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 
 from prism_lightning.model.chat import set_template_kwargs
 from prism_lightning.model.templates import load_chat_template
@@ -171,7 +171,8 @@ def rounded_sum(flat: torch.Tensor, chunk: int = 1 << 22) -> float:
 
 def _file_key(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    # "layout 2": tied weights stored under the embedding's name (earlier caches kept only lm_head.weight)
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}:layout 2".encode()).hexdigest()[:12]
 
 
 def _gguf_cache_dir(path: Path) -> Path:
@@ -212,8 +213,12 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     # Written with safetensors itself, not save_pretrained: transformers' save imports DeepSpeed whenever it is
-    # installed, and a single-process CPU run has no use for it. save_model stores tied weights once.
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    # installed, and a single-process CPU run has no use for it. Tied weights are stored once, under the
+    # embedding's name as save_pretrained does: engines that load the directory (vLLM) skip a tied lm_head.
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)

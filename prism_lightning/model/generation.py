@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -162,8 +162,19 @@ def generate_batch(backbone: Backbone, prompts: Sequence[Sequence[int]], decodin
     return results
 
 
+class Engine(Protocol):
+    """Another generation engine (vLLM): many prompts per call, a seed per prompt."""
+
+    batches_per_call: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
+                 seeds: Sequence[int]) -> list[dict]:
+        """``generate_batch``'s result per prompt."""
+
+
 def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingConfig, sink: JsonlSink,
-                  description: str, make_record: Callable[[dict, dict], dict]) -> None:
+                  description: str, make_record: Callable[[dict, dict], dict],
+                  engine: Optional[Engine] = None) -> None:
     """Generate for every item (``{"id", "prompt_ids", ...}``) not yet in ``sink``, appending each batch atomically.
 
     Items are sorted by prompt length so batches waste little padding; ``make_record(item, result)``
@@ -177,6 +188,9 @@ def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingC
         if not batches:
             return
         with stage_progress(sum(map(len, batches)), description, sink) as advance:
+            if engine is not None:
+                run_on_engine(engine, batches, decoding, sink, make_record, advance)
+                return
             for batch in batches:
                 seed = decoding.seed + zlib.crc32(batch[0]["id"].encode())
                 results = generate_batch(backbone, [i["prompt_ids"] for i in batch], decoding, seed=seed)
@@ -184,3 +198,17 @@ def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingC
                 advance(len(batch))
 
     run_stage(work, items, decoding.batch_size, sink)
+
+
+def run_on_engine(engine: Engine, batches: list[list[dict]], decoding: DecodingConfig, sink: JsonlSink,
+                  make_record: Callable[[dict, dict], dict], advance: Callable[[int], None]) -> None:
+    """The planned batches on another engine, several per call; each item seeded from its own id (its text does
+    not depend on its batch-mates), each batch appended as it would be on the HF path."""
+    for start in range(0, len(batches), engine.batches_per_call):
+        group = batches[start:start + engine.batches_per_call]
+        flat = [item for batch in group for item in batch]
+        results = iter(engine.generate([i["prompt_ids"] for i in flat], decoding,
+                                       [decoding.seed + zlib.crc32(i["id"].encode()) for i in flat]))
+        for batch in group:
+            sink.append([make_record(item, next(results)) for item in batch])
+            advance(len(batch))

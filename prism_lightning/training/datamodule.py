@@ -6,7 +6,7 @@ import json
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
@@ -168,6 +168,8 @@ class BootstrapDataModule(L.LightningDataModule):
             refuses).
         adapters: K-way PRISM: adapter name -> the contexts it distils (each context in one); the gate learns none
             vs which adapter. Empty (default): one adapter for every context, binary PRISM.
+        engine: what generates in stages 1 and 2: ``hf`` (transformers ``generate``) or ``vllm`` (one process; in
+            the environment scripts/install-vllm.sh builds). The judge and the teacher stay on ``hf``.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
@@ -178,7 +180,8 @@ class BootstrapDataModule(L.LightningDataModule):
                  max_length: int = 512, balance: bool = True, seed: int = 0, bootstrap: bool = True,
                  predict_file: Optional[InputFile] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
                  teacher_text: TeacherText = "corpus", teacher: TeacherMode = "online",
-                 teacher_top_k: int = 64, adapters: Optional[dict[str, list[str]]] = None) -> None:
+                 teacher_top_k: int = 64, adapters: Optional[dict[str, list[str]]] = None,
+                 engine: Literal["hf", "vllm"] = "hf") -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -193,6 +196,7 @@ class BootstrapDataModule(L.LightningDataModule):
         self.teacher_cache: Optional[TeacherCache] = None
         self.teacher_texts: dict[str, str] = {}
         self.adapters = dict(adapters or {})
+        self.engine = engine
         check_data(self, benchmark)
         self.adapter_of = adapter_of(self.adapters, PersonaRegistry.from_config(personas).names)
         self.benchmark: Optional[BenchmarkRun] = None
@@ -213,7 +217,8 @@ class BootstrapDataModule(L.LightningDataModule):
     def build_corpus(self, root: Optional[str] = None) -> Corpus:
         """Run or resume stages 1–3 (only the stages whose inputs changed do any work); every rank calls it."""
         builder = CorpusBuilder(self.backbone_config, self.persona_config, self.query_config, self.answer_config,
-                                self.judge_config, self.placement, self.resolve_corpus_dir(root), self.label_config)
+                                self.judge_config, self.placement, self.resolve_corpus_dir(root), self.label_config,
+                                self.engine)
         self.corpus = builder.build()
         return self.corpus
 

@@ -1,0 +1,102 @@
+"""The vLLM engine of stages 1 and 2 (issue #27) against the Hugging Face path, on the embedded model.
+
+Runs in the environment scripts/install-vllm.sh builds (`.venv-vllm/bin/python -m pytest tests/test_vllm_engine.py`);
+without vLLM every test but the refusal skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prism_lightning.model.backbone import BackboneConfig, load_backbone
+from prism_lightning.model.chat import ChatFormatter
+from prism_lightning.model.generation import DecodingConfig, generate_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (scripts/install-vllm.sh)")
+PROMPTS = ["What is the capital of France?", "Write a short poem about the ocean at night.",
+           "How do I reverse a list in Python?", "Why is the sky blue?", "Give me a simple recipe for pancakes.",
+           "What is 17 multiplied by 23, and how do you compute it?", "What causes the seasons on Earth?",
+           "Explain what a black hole is to a ten-year-old."]
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the refusal where vLLM is missing")
+def test_the_vllm_engine_without_vllm_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "bootstrap", "--config",
+                          str(ROOT / "configs" / "quickstart.yaml"), "--data.engine", "vllm",
+                          "--trainer.default_root_dir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()
+    assert len([line for line in last if line.startswith("error:")]) == 1
+    assert last[-1] == ("error: data.engine: vllm is not installed in this environment; scripts/install-vllm.sh "
+                        "builds an environment with it (.venv-vllm)")
+    assert not (tmp_path / "run" / "corpus" / "stages").exists() or not any(
+        (tmp_path / "run" / "corpus" / "stages").iterdir())
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from prism_lightning.model.vllm_engine import VllmEngine
+
+    backbone = load_backbone(BackboneConfig())
+    return VllmEngine(backbone, BackboneConfig())
+
+
+@needs_vllm
+def test_greedy_texts_equal_the_hugging_face_path(engine):
+    backbone = engine.backbone
+    formatter = ChatFormatter(backbone.tokenizer)
+    prompts = [formatter.prompt_ids(p) for p in PROMPTS]
+    decoding = DecodingConfig(max_new_tokens=48)
+    hf = [generate_batch(backbone, [p], decoding)[0] for p in prompts]  # one per call: no padding
+    got = engine.generate(prompts, decoding, seeds=[0] * len(prompts))
+    assert [g["text"] for g in got] == [h["text"] for h in hf]
+    assert [(g["new_tokens"], g["finished"]) for g in got] == [(h["new_tokens"], h["finished"]) for h in hf]
+
+
+@needs_vllm
+def test_a_sampled_item_draws_from_its_own_seed_whatever_its_batch(engine):
+    formatter = ChatFormatter(engine.backbone.tokenizer)
+    prompts = [formatter.prompt_ids(p) for p in PROMPTS[:4]]
+    decoding = DecodingConfig(max_new_tokens=24, temperature=0.9)
+    seeds = [11, 12, 13, 14]
+    first = [r["text"] for r in engine.generate(prompts, decoding, seeds)]
+    reversed_order = [r["text"] for r in engine.generate(prompts[::-1], decoding, seeds[::-1])][::-1]
+    alone = engine.generate(prompts[2:3], decoding, seeds[2:3])[0]["text"]
+    assert first == reversed_order and alone == first[2]
+    assert engine.generate(prompts[:1], decoding, [99])[0]["text"] != first[0]  # the seed matters
+
+
+@needs_vllm
+def test_quickstart_bootstrap_stages_on_vllm_keep_the_schema_and_name_the_engine(tmp_path):
+    overlay = tmp_path / "small.yaml"
+    overlay.write_text(json.dumps({"data": {
+        "personas": {"names": ["math", "writing"], "granularity": "half"},
+        "queries": {"per_persona": 3, "decoding": {"temperature": 0.9, "max_new_tokens": 32, "seed": 1,
+                                                   "batch_size": 16}},
+        "answers": {"decoding": {"temperature": 0.7, "max_new_tokens": 24, "seed": 2, "batch_size": 16}},
+        "judge": {"control_pairs": 4, "batch_size": 8, "max_answer_tokens": 48}}}))
+    runs = {}
+    for engine_name in ("hf", "vllm"):
+        root = tmp_path / engine_name
+        out = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "bootstrap", "--config",
+                              str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), "--data.engine",
+                              engine_name, "--trainer.default_root_dir", str(root)],
+                             capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[engine_name] = {p.name.split("-")[0] + ("-" + p.name.split("-")[1] if p.name.startswith("judge_") else ""):
+                             p for p in (root / "corpus" / "stages").glob("*.jsonl")}
+    hf, vllm = runs["hf"], runs["vllm"]
+    assert set(hf) == set(vllm) >= {"queries", "answers", "judge"}
+    assert all(hf[k].name != vllm[k].name for k in hf)  # the engine is part of every stage's hash
+    for stage in ("queries", "answers"):
+        keys = {tuple(sorted(json.loads(line))) for line in vllm[stage].read_text().splitlines()}
+        assert keys == {tuple(sorted(json.loads(line))) for line in hf[stage].read_text().splitlines()}
