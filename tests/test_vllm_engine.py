@@ -94,6 +94,13 @@ def test_quickstart_bootstrap_stages_on_vllm_keep_the_schema_and_name_the_engine
         assert out.returncode == 0, out.stderr[-3000:]
         runs[engine_name] = {p.name.split("-")[0] + ("-" + p.name.split("-")[1] if p.name.startswith("judge_") else ""):
                              p for p in (root / "corpus" / "stages").glob("*.jsonl")}
+    # A rerun finds every stage done: the vLLM engine is never started (it would hold its memory for nothing).
+    again = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "bootstrap", "--config",
+                            str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), "--data.engine", "vllm",
+                            "--trainer.default_root_dir", str(tmp_path / "vllm")],
+                           capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Loading safetensors checkpoint shards" not in again.stdout + again.stderr
     hf, vllm = runs["hf"], runs["vllm"]
     assert set(hf) == set(vllm) >= {"queries", "answers", "judge"}
     assert all(hf[k].name != vllm[k].name for k in hf)  # the engine is part of every stage's hash

