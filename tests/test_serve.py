@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
 from test_cli_fit import save_tiny_model  # noqa: E402
+from test_routing import _randomise  # noqa: E402
 
 from prism_lightning.inference.gated_model import GatedModel  # noqa: E402
 from prism_lightning.model.backbone import BackboneConfig  # noqa: E402
@@ -46,13 +46,7 @@ def make_export(directory: Path, model_dir: Path) -> Path:
     module = PrismModule(backbone=BackboneConfig(name_or_path=str(model_dir)), lora=LoraSettings(rank=4, alpha=8),
                          threshold=0.5)
     module.configure_model()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        for p in module.gate.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    _randomise(module)
     module.model.eval()
     return module.export(directory)
 
