@@ -37,6 +37,7 @@ from prism_lightning.model.adapters import adapter_names
 from prism_lightning.model.backbone import BackboneConfig
 from prism_lightning.model.generation import DecodingConfig
 from prism_lightning.model.lora import LoraSettings
+from prism_lightning.harness.command import lm_eval_command
 from prism_lightning.serving.command import serve_command
 from prism_lightning.study.config import StudyConfig
 from prism_lightning.study.runner import StudyRun, print_plan
@@ -80,7 +81,6 @@ class PrismTrainer(L.Trainer):
         Args:
             study: persona conditions and suites (default suites: ``data.benchmark``).
         """
-
         run = StudyRun(study, study.suites or datamodule.benchmark_config, datamodule.backbone_config,
                        datamodule.persona_config.names, Path(self.default_root_dir) / "study")
         if study.dry_run:
@@ -184,11 +184,8 @@ class PrismCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands plus bootstrap and export."""
-        commands = dict(LightningCLI.subcommands())
-        commands["bootstrap"] = {"model", "datamodule"}
-        commands["export"] = {"model", "datamodule"}
-        commands["study"] = {"model", "datamodule"}
-        return commands
+        return {**LightningCLI.subcommands(), **{name: {"model", "datamodule"} for name in ("bootstrap", "export",
+                                                                                        "study")}}
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs):
         """``study`` takes its settings as one ``study`` group (``--study.dry_run``); jsonargparse would otherwise
@@ -319,8 +316,9 @@ def discard_empty_log_dir(cli: Optional[PrismCLI]) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-DESCRIPTION = ("PRISM: self-distil an expert persona into a gated LoRA adapter. Also: `prism serve --export DIR` "
-               "serves an export over OpenAI's HTTP API (`prism serve --help`).")
+DESCRIPTION = ("PRISM: self-distil an expert persona into a gated LoRA adapter. Also on an export: `prism serve` "
+               "(OpenAI's HTTP API) and `prism lm-eval` (lm-evaluation-harness tasks); each has --help.")
+COMMANDS = {"serve": serve_command, "lm-eval": lm_eval_command}  # not LightningCLI: no Trainer, own arguments
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -329,8 +327,8 @@ def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     try:
         check_config_files(argv)
-        if argv[:1] == ["serve"]:
-            return serve_command(argv[1:])
+        if argv[:1] and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
         PrismCLI(PrismModule, BootstrapDataModule, trainer_class=PrismTrainer, subclass_mode_model=True,
                  save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False,
                  parser_class=PrismArgumentParser, parser_kwargs={"description": DESCRIPTION})

@@ -55,8 +55,9 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
             "data = sorted(p.name for p in (root / 'model' / 'templates').glob('*.jinja'))\n"
             "domains = sorted(p.name for p in (root / 'contexts' / 'data').glob('*.yaml'))\n"
             "benchmarks = sorted(p.name for p in (root / 'evaluation' / 'data').rglob('*') if p.is_file())\n"
+            "tasks = sorted(p.name for p in (root / 'harness' / 'tasks').glob('*.*'))\n"
             "print(json.dumps({'file': prism_lightning.__file__, 'modules': names, 'templates': data,\n"
-            "                  'domains': domains, 'benchmarks': benchmarks}))")
+            "                  'domains': domains, 'benchmarks': benchmarks, 'tasks': tasks}))")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -68,11 +69,13 @@ def test_wheel_imports_every_subpackage_and_runs_the_cli(wheel_env, tmp_path):
     assert result["templates"] == sorted(p.name for p in (ROOT / "prism_lightning" / "model" / "templates").glob("*.jinja"))
     assert result["templates"], "package data (chat templates) missing from the wheel"
     assert result["domains"] == ["domains.yaml"], "package data (persona domains) missing from the wheel"
+    assert result["tasks"] == sorted(p.name for p in (ROOT / "prism_lightning" / "harness" / "tasks").glob("*.*")), \
+        "lm-eval task files missing from the wheel"
     shipped = sorted(p.name for p in (ROOT / "prism_lightning" / "evaluation" / "data").rglob("*") if p.is_file())
     # 3 benchmarks + refusal strings, their README, 4 licence texts
     assert result["benchmarks"] == shipped and len(shipped) == 9, "benchmark files or licences missing from the wheel"
     help_out = subprocess.run([str(wheel_env / "bin" / "prism"), "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=600)
     assert help_out.returncode == 0, help_out.stderr[-3000:]
-    for command in ("fit", "validate", "test", "predict", "bootstrap", "export", "prism serve --export"):
+    for command in ("fit", "validate", "test", "predict", "bootstrap", "export", "prism serve", "prism lm-eval"):
         assert command in " ".join(help_out.stdout.split())

@@ -22,7 +22,15 @@ from prism_lightning.model.backbone import BackboneConfig, check_base_model, loa
 from prism_lightning.model.chat import ChatFormatter
 from prism_lightning.model.features import layer0_features
 from prism_lightning.model.gate_mlp import GateMLP, open_logit
-from prism_lightning.model.generation import DecodingConfig, generate_batch, left_pad, length_batches, token_logprobs
+from prism_lightning.model.generation import (
+    DecodingConfig,
+    continuation_scores,
+    generate_batch,
+    left_pad,
+    length_batches,
+    next_token_logprobs,
+    token_logprobs,
+)
 from prism_lightning.model.row_routing import BASE, rows_on_adapters
 
 ROUTES = ("gate", "adapter", "base")
@@ -151,6 +159,23 @@ class GatedModel:
         with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
             return generate_batch(self.backbone, [list(p) for p in prompt_ids], decoding, seed=seed,
                                   model=self.model, **routed, **generate_kwargs)
+
+    @torch.no_grad()
+    def score_rows(self, prompt_ids: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                   names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward, row ``b`` on adapter ``names[b]``: summed log p(continuation | prompt) and whether greedy
+        decoding would write the continuation ([n] each, CPU)."""
+        with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
+            return continuation_scores(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                                       prompt_ids, continuations, **routed)
+
+    @torch.no_grad()
+    def next_token_rows(self, prompt_ids: Sequence[Sequence[int]], names: Sequence[str]) -> torch.Tensor:
+        """One forward, row ``b`` on adapter ``names[b]``: log-softmax over the vocabulary after each prompt
+        ([n, V], CPU)."""
+        with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
+            return next_token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
+                                       prompt_ids, **routed)
 
     def route_fields(self, name: str, probability: float) -> dict:
         """How a row's route is reported: ``route`` (adapter|base), ``probability`` and, with K adapters, which."""

@@ -103,23 +103,33 @@ def token_logprobs(model: Any, pad_id: int, device: torch.device, prompts: Seque
 
 
 @torch.no_grad()
-def continuation_logprob(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
-                         continuations: Sequence[Sequence[int]], **forward_kwargs: Any) -> torch.Tensor:
-    """Summed log p(continuation | prompt) per row of one left-padded batch ([n], fp32, CPU).
+def continuation_scores(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], **forward_kwargs: Any) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+    """Summed log p(continuation | prompt) per row of one left-padded batch and whether greedy decoding would write
+    the continuation ([n] fp32 and [n] bool, CPU).
 
     Rows end with their continuation, so the logits of the last (longest continuation + 1) positions hold every
     row's: no full-sequence, full-vocabulary logits. Each prompt must be non-empty.
     """
     longest = max(len(c) for c in continuations)
     if longest == 0:
-        return torch.zeros(len(prompts))
+        return torch.zeros(len(prompts)), torch.ones(len(prompts), dtype=torch.bool)
     ids, mask = left_pad([list(p) + list(c) for p, c in zip(prompts, continuations)], pad_id, device)
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1,
-                   **forward_kwargs).logits[:, -longest - 1:-1]
-    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, -longest:, None])[..., 0]
+                   **forward_kwargs).logits[:, -longest - 1:-1].float()
+    target = ids[:, -longest:]
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, target[..., None])[..., 0]
     lengths = torch.tensor([len(c) for c in continuations], device=picked.device)
     keep = torch.arange(longest, device=picked.device)[None] >= (longest - lengths)[:, None]
-    return (picked * keep).sum(-1).cpu()
+    greedy = ((logits.argmax(-1) == target) | ~keep).all(-1)
+    return (picked * keep).sum(-1).cpu(), greedy.cpu()
+
+
+def continuation_logprob(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
+                         continuations: Sequence[Sequence[int]], **forward_kwargs: Any) -> torch.Tensor:
+    """Summed log p(continuation | prompt) per row of one left-padded batch ([n], fp32, CPU)."""
+    return continuation_scores(model, pad_id, device, prompts, continuations, **forward_kwargs)[0]
 
 
 def next_token_logprobs(model: Any, pad_id: int, device: torch.device, prompts: Sequence[Sequence[int]],
