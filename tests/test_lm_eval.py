@@ -81,7 +81,7 @@ def test_loglikelihood_is_the_routed_models(lm):
     rates = lm.routing.rates()["t"]
     assert rates["prompts"] == 5 and sum(r["prompts"] for r in rates["routes"].values()) == 5
     opened = sum(p >= lm.gated.threshold for p in probs.tolist())
-    assert rates["routes"][lm.gated.adapter_name]["prompts"] == opened
+    assert rates["routes"]["adapter"]["prompts"] == opened
 
 
 def test_greedy_flag_matches_argmax(lm):
@@ -94,6 +94,11 @@ def test_greedy_flag_matches_argmax(lm):
     [(lp_greedy, is_greedy)] = base._loglikelihood_tokens([(("", ""), context, [step])])
     [(_, not_greedy)] = base._loglikelihood_tokens([(("", ""), context, [(step + 1) % len(lm.tokenizer)])])
     assert is_greedy and not not_greedy, text
+    with torch.no_grad(), lm.gated.model.disable_adapter():  # two greedy steps: the multi-token path
+        second = lm.gated.model(input_ids=torch.tensor([context + [step]])).logits[0, -1].argmax().item()
+    [(_, both)] = base._loglikelihood_tokens([(("", ""), context, [step, second])])
+    [(_, last_wrong)] = base._loglikelihood_tokens([(("", ""), context, [step, (second + 1) % len(lm.tokenizer)])])
+    assert both and not last_wrong
     assert lp_greedy == pytest.approx(_manual_logprob(lm, context, [step], BASE), abs=1e-4)
 
 
@@ -102,7 +107,7 @@ def test_rolling_loglikelihood_scores_every_token_once(lm):
     [total] = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(doc,)], task="ppl"))
     tokens = lm.tok_encode(doc)
     first = tuple([lm.prefix_token_id] + tokens)
-    name = lm.routing.records[-1][2]
+    name = BASE if lm.routing.records[-1][2] == "base" else lm.gated.adapter_name
     assert lm.routing.records[-1][1] == first
     assert total == pytest.approx(_manual_logprob(lm, [lm.prefix_token_id], tokens, name), abs=1e-3)
     short = PrismLM.__new__(PrismLM)

@@ -213,3 +213,45 @@ def test_the_readme_serve_commands_answer_with_the_gated_models_own_output(table
     assert reply["usage"]["prompt_tokens"] == len(model.prompt_ids("Write a haiku about rain."))
     assert repr({"route": product["route"], "probability": product["probability"]}) in by_client.stdout
     assert product["text"].split("\n")[0] in by_client.stdout
+
+
+# --------------------------------------------------------------------------- the lm-eval section
+def readme_lm_eval() -> str:
+    """The README's `prism lm-eval` command, as written."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Evaluating with lm-evaluation-harness"):]
+    section = section[:section.index("\n## ", 4)]
+    return next(b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if b.startswith("prism lm-eval"))
+
+
+def test_the_readme_lm_eval_command_scores_what_prism_test_scores(table_run):
+    """`prism lm-eval` on the trained export, as the README writes it: exit 0, the routing table, the routing file
+    beside lm-eval's results; its accuracy on prism_mmlu_chat equals the project's own MMLU scorer on the same
+    questions and routes."""
+    import shlex
+
+    from prism_lightning.evaluation import mmlu
+    from prism_lightning.inference.gated_model import GatedModel
+
+    pytest.importorskip("lm_eval")
+    command = readme_lm_eval().strip()
+    run = table_run["tmp"] / "run"
+    args = [w.replace("runs/quickstart/export", str(run / "export")) for w in shlex.split(command)[1:]]
+    out = subprocess.run([*PRISM, *args], capture_output=True, text=True, timeout=900, cwd=table_run["tmp"],
+                         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Routing per task" in out.stdout
+    [results] = list((table_run["tmp"] / "runs" / "lm-eval").rglob("results_*.json"))
+    routing = json.loads(results.with_name("routing_" + results.name[len("results_"):]).read_text())
+    n = json.loads(re.search(r"--metadata '(\{.*?\})'", command).group(1))["n"]
+    task = routing["tasks"]["prism_mmlu_chat"]
+    assert task["prompts"] == n and task["requests"] == 4 * n
+    accuracy = json.loads(results.read_text())["results"]["prism_mmlu_chat"]["acc,none"]
+    model = GatedModel.from_pretrained(run / "export")
+    rows = mmlu.stratified_sample(mmlu.load_mmlu()[0], n, 0)
+    ids = [model.prompt_ids(mmlu.prompt_text(r)) for r in rows]
+    letters = mmlu.letter_reader(model.formatter).read(
+        lambda p, cols, tail: model.token_logprobs(p, cols, "gate", tail=tail)[0], ids).logprobs
+    assert accuracy == pytest.approx(float(mmlu.score(letters, rows, [0, 1, 2, 3]).float().mean()))
+    opened = int((model.route(ids) >= model.threshold).sum())
+    assert task["routes"].get("adapter", {"prompts": 0})["prompts"] == opened

@@ -113,7 +113,9 @@ class PrismLM(TemplateLM):
     def _record(self, tasks: Sequence[Optional[str]], prompts: Sequence[tuple[int, ...]],
                 routes: dict[tuple[int, ...], tuple[str, float]]) -> None:
         for task, prompt in zip(tasks, prompts):
-            self.routing.add(task, prompt, *routes[prompt])
+            name, probability = routes[prompt]
+            fields = self.gated.route_fields(name, probability)  # base | adapter, or the adapter's name when K > 1
+            self.routing.add(task, prompt, fields.get("adapter") or fields["route"], probability)
 
     # --- lm-eval's three request types
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from prism_lightning.model.row_routing import BASE
 from prism_lightning.utils.stats import wilson_interval
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -24,7 +23,8 @@ class RoutingLog:
     records: list[tuple[str, tuple[int, ...], str, float]] = field(default_factory=list)
 
     def add(self, task: Optional[str], prompt: tuple[int, ...], route: str, probability: float) -> None:
-        """Record one request (``route``: a PEFT adapter name or ``__base__``; NaN probability: no gate ran)."""
+        """Record one request (``route``: ``base``, ``adapter`` or, with K adapters, the adapter's name; NaN
+        probability: no gate ran)."""
         self.records.append((task or "(no task)", prompt, route, probability))
 
     def rates(self) -> dict[str, dict]:
@@ -36,10 +36,10 @@ class RoutingLog:
             prompts = {r[1]: (r[2], r[3]) for r in rows}
             n = len(prompts)
             routes: dict[str, dict] = {}
-            for route in sorted({v[0] for v in prompts.values()}, key=lambda name: (name != BASE, name)):
+            for route in sorted({v[0] for v in prompts.values()}, key=lambda name: (name != "base", name)):
                 k = sum(v[0] == route for v in prompts.values())
                 low, high = wilson_interval(k, n)
-                routes["base" if route == BASE else route] = {"prompts": k, "share": k / n,
+                routes[route] = {"prompts": k, "share": k / n,
                                                               "ci95": [round(low, 4), round(high, 4)]}
             entry = {"requests": len(rows), "prompts": n, "routes": routes}
             probs = torch.tensor([v[1] for v in prompts.values() if not math.isnan(v[1])])
