@@ -8,6 +8,7 @@ the chat-formatted prompt, which is what the gate was trained on), and each batc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from prism_lightning.harness.routing_rates import RoutingLog
+from prism_lightning.inference.export import check_export, export_adapters
 from prism_lightning.inference.gated_model import ROUTES, GatedModel
 from prism_lightning.model.generation import DecodingConfig, length_batches
 from prism_lightning.utils.errors import PrismError
@@ -37,7 +39,11 @@ def _positive_int(name: str, value: Any) -> int:
 
 @register_model("prism")
 class PrismLM(TemplateLM):
-    """lm-eval model over a PRISM export: ``export=DIR,route=gate|base|adapter|<adapter name>``."""
+    """lm-eval model over a PRISM export: ``export=DIR,route=gate|base|adapter|<adapter name>``.
+
+    ``batch_size``, ``device`` and ``max_batch_size`` may come from lm-eval's own options; the last is not used
+    (there is no automatic batch size).
+    """
 
     last: Optional["PrismLM"] = None  # the newest instance: `prism lm-eval` reads its routing after the run
 
@@ -49,17 +55,19 @@ class PrismLM(TemplateLM):
             raise PrismError(f"--model_args: unknown key(s) {', '.join(sorted(unknown))} for --model prism "
                              f"(expected export, route, batch_size, device, max_length, seed)")
         self.export = str(export)
+        # Everything that can be checked without the weights is, before a 7B model spends minutes loading.
+        adapters = export_adapters(check_export(Path(self.export)))
+        if route not in ROUTES and route not in adapters:
+            raise PrismError(f"--model_args route: expected one of {', '.join(ROUTES + tuple(adapters))}, "
+                             f"got {route!r}")
+        self.route = route
+        self.batch_size = _positive_int("batch_size", batch_size)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             raise PrismError(f"--device {device}: this machine has no CUDA device (leave --device out for auto, or "
                              f"pass --device cpu)")
         self.gated = GatedModel.from_pretrained(self.export, device=device)
-        if route not in ROUTES and route not in self.gated.adapters:
-            raise PrismError(f"--model_args route: expected one of {', '.join(ROUTES + tuple(self.gated.adapters))}, "
-                             f"got {route!r}")
-        self.route = route
-        self.batch_size = _positive_int("batch_size", batch_size)
         self.tokenizer = self.gated.backbone.tokenizer
-        limit = getattr(self.gated.backbone.model.config, "max_position_embeddings", None) or 2048
+        limit = self.gated.backbone.context_length or 2048
         self.max_length = limit if max_length is None else _positive_int("max_length", max_length)
         self.seed = int(seed)
         self.routing = RoutingLog()
