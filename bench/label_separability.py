@@ -86,6 +86,7 @@ def row(name: str, scores: torch.Tensor, labels: torch.Tensor) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="runs/demo/corpus")
+    parser.add_argument("--out", default=str(RESULTS), help="where the JSON goes (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     corpus = load_corpus(Path(args.corpus))
@@ -125,8 +126,8 @@ def main() -> None:
               f"{result['median_abs_margin']}")
     else:
         print("no judged label: every label is by construction (no margin to report)")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
