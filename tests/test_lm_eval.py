@@ -192,3 +192,8 @@ def test_prism_lm_eval_cli_writes_routing_beside_results(export, tmp_path):
                          env=env, timeout=600)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --model_args route: expected one of")
+    missing = subprocess.run([*PRISM, "lm-eval", "--model", "prism", "--model_args", f"export={export}",
+                              "--tasks", "prism_mmlu,no_such_task"], capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=600)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: lm-eval: Tasks not found"), missing.stderr[-2000:]

@@ -7,7 +7,6 @@ script cannot see ``--model prism``: this command imports the model first and th
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -55,16 +54,15 @@ def lm_eval_command(args: list[str]) -> None:
     if argv[0] == "run" and not any(a == "--device" or a.startswith("--device=") for a in argv):
         argv.append("--device=auto")  # lm-eval's default is cuda:0; the export's own is auto (cuda when there is one)
     cli = HarnessCLI()
-    saved, sys.argv = sys.argv, ["lm-eval", *argv]
-    try:
-        parsed = cli._parser.parse_args(argv)
-    finally:
-        sys.argv = saved
+    parsed = cli._parser.parse_args(argv)  # HarnessCLI.parse_args reads sys.argv; its parser takes ours
     if hasattr(parsed, "include_path"):  # lm-eval's TaskManager takes a list: the user's directory and ours
         parsed.include_path = [str(TASKS_DIR)] + ([parsed.include_path] if parsed.include_path else [])
     PrismLM.last = None
     started = time.time()
-    cli.execute(parsed)
+    try:
+        cli.execute(parsed)
+    except ValueError as exc:  # lm-eval's word for bad input (an unknown task, a malformed --metadata): one line
+        raise PrismError(f"lm-eval: {' '.join(str(exc).split())}") from None
     lm = PrismLM.last
     if argv[0] != "run" or lm is None or not lm.routing.records:
         return
