@@ -241,7 +241,7 @@ def test_the_readme_lm_eval_command_scores_what_prism_test_scores(table_run):
                          env={**os.environ, "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Routing per task" in out.stdout
-    [results] = list((table_run["tmp"] / "runs" / "lm-eval").rglob("results_*.json"))
+    [results] = list((table_run["tmp"] / "runs" / "lm-eval").rglob("results_*.json"))  # this command's only
     routing = json.loads(results.with_name("routing_" + results.name[len("results_"):]).read_text())
     n = json.loads(re.search(r"--metadata '(\{.*?\})'", command).group(1))["n"]
     task = routing["tasks"]["prism_mmlu_chat"]
@@ -255,3 +255,44 @@ def test_the_readme_lm_eval_command_scores_what_prism_test_scores(table_run):
     assert accuracy == pytest.approx(float(mmlu.score(letters, rows, [0, 1, 2, 3]).float().mean()))
     opened = int((model.route(ids) >= model.threshold).sum())
     assert task["routes"].get("adapter", {"prompts": 0})["prompts"] == opened
+
+
+def test_the_readme_cross_check_agrees_to_the_question(table_run):
+    """The README's cross-check block on the trained export (n = 40 instead of 1,000): `prism test`'s Base and
+    PRISM rows equal lm-eval's prism_mmlu_chat on routes base and gate, question for question, routing included."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("**Cross-check against `prism test`**"):]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    run, n = table_run["tmp"] / "run", 40
+    for i, line in enumerate(block.strip().splitlines()):
+        words = shlex.split(line.replace("runs/demo/export", str(run / "export"))
+                            .replace("runs/lm-eval", f"runs/lm-eval-{i}"))[1:]
+        if words[0] == "test":  # the trained run's config (the table's C) stands for the demo's
+            words = [part for w in words for part in (table_run["values"]["C"].split() if w == "configs/demo.yaml"
+                                                      else [str(ROOT / w) if w.startswith("configs/") else w])]
+            words += ["--data.benchmark.mmlu_n", str(n)]
+        else:
+            words += ["--metadata", json.dumps({"n": n})]
+        out = subprocess.run([*PRISM, *words], capture_output=True, text=True, timeout=900, cwd=table_run["tmp"],
+                             env={**os.environ, "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"})
+        assert out.returncode == 0, (line, out.stderr[-3000:])
+    metrics = json.loads((run / "benchmark" / "metrics.json").read_text())
+
+    def correct(row: str) -> int:
+        scores = metrics["rows"][row]["scores"]
+        return sum(round(scores[k] * metrics["counts"][k] / 100) for k in metrics["counts"])
+
+    def lm_eval(i: int, task: str) -> tuple[float, dict]:
+        [results] = list((table_run["tmp"] / f"runs/lm-eval-{i}").rglob("results_*.json"))
+        routing = json.loads(results.with_name("routing_" + results.name[len("results_"):]).read_text())
+        return json.loads(results.read_text())["results"][task]["acc,none"], routing["tasks"][task]
+
+    base, _ = lm_eval(1, "prism_mmlu_chat")
+    gate, routes = lm_eval(3, "prism_mmlu_chat")
+    own, _ = lm_eval(2, "prism_mmlu")
+    assert sum(metrics["counts"].values()) == n
+    assert base == pytest.approx(correct("Base") / n) and gate == pytest.approx(correct("PRISM") / n)
+    assert routes.get("adapter", {"prompts": 0})["prompts"] == metrics["rows"]["PRISM"]["routed"]["MMLU"]["adapter"]
+    assert 0 <= own <= 1
