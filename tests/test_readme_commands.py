@@ -290,9 +290,10 @@ def test_the_readme_cross_check_agrees_to_the_question(table_run):
         return json.loads(results.read_text())["results"][task]["acc,none"], routing["tasks"][task]
 
     base, _ = lm_eval(1, "prism_mmlu_chat")
-    gate, routes = lm_eval(3, "prism_mmlu_chat")
+    gate, task = lm_eval(3, "prism_mmlu_chat")
     own, _ = lm_eval(2, "prism_mmlu")
     assert sum(metrics["counts"].values()) == n
     assert base == pytest.approx(correct("Base") / n) and gate == pytest.approx(correct("PRISM") / n)
-    assert routes.get("adapter", {"prompts": 0})["prompts"] == metrics["rows"]["PRISM"]["routed"]["MMLU"]["adapter"]
+    assert task["routes"].get("adapter", {"prompts": 0})["prompts"] == \
+        metrics["rows"]["PRISM"]["routed"]["MMLU"]["adapter"]
     assert 0 <= own <= 1
