@@ -1524,3 +1524,13 @@ def test_a_fixed_route_runs_no_gate_and_reports_no_probability(gated, monkeypatc
     assert calls == [] and torch.isnan(probs).all() and names == [gated.adapter_name] * 2
     out = gated.generate_ids(ids, DecodingConfig(max_new_tokens=2), route="base")
     assert calls == [] and [o["probability"] for o in out] == [None, None] and {o["route"] for o in out} == {"base"}
+
+
+def test_preference_line_leaves_out_an_interval_it_could_not_compute():
+    from prism_lightning.evaluation.report import _preference_line
+    from prism_lightning.evaluation.stats import preference_summary
+
+    few = {**preference_summary(torch.tensor([1.0, 0.5])), "identical": 0}
+    many = {**preference_summary(torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 1.0, 0.5, 1.0, 0.0])), "identical": 0}
+    assert "no interval: too few pairs" in _preference_line(few) and "95% CI" not in _preference_line(few)
+    assert "95% CI" in _preference_line(many) and "–)" not in _preference_line(many)

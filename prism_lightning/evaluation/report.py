@@ -117,10 +117,13 @@ def _routing_line(corr: dict) -> str:
 
 
 def _preference_line(pref: dict) -> str:
-    lo, hi = pref["ci95"]
+    lo, hi = pref.get("ci95") or (None, None)
+    # An interval that could not be computed (too few pairs) is left out, not printed as dashes.
+    missing = any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (lo, hi))
+    interval = "no interval: too few pairs" if missing else f"95% CI {_fmt(lo)}–{_fmt(hi)}"
     return (f"Preference PRISM vs Base (n = {pref['n']}): {pref['wins']} wins, {pref['losses']} losses, "
             f"{pref['ties']} ties ({pref.get('identical', 0)} identical texts). Headline win rate, ties counted "
-            f"half: {_fmt(pref['win_rate'])}% (95% CI {_fmt(lo)}–{_fmt(hi)}); over decided pairs only: "
+            f"half: {_fmt(pref['win_rate'])}% ({interval}); over decided pairs only: "
             f"{_fmt(pref['win_rate_decided'])}% (n = {pref['wins'] + pref['losses']}). Corpus judge control "
             f"accuracy {pref.get('judge_control_accuracy')} (n = {pref.get('judge_control_n')}); a win rate means "
             f"little when that is near chance.")
