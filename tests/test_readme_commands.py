@@ -24,11 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PRISM = [sys.executable, "-m", "prism_lightning.cli"]
 
 
+def readme_section(start: str) -> str:
+    """The README from ``start`` (a heading or bold lead) up to the next ``## `` heading."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(start):]
+    return section[:section.index("\n## ", 4)]
+
+
 def readme_commands() -> list[str]:
     """The `prism ...` commands of the README's command table, optional [parts] included, in table order."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Commands"):]
-    section = section[:section.index("\n## ", 4)]
+    section = readme_section("## Commands")
     commands = re.findall(r"^\| `(prism [^`]+)` \|", section, flags=re.M)
     return [re.sub(r"\[([^\]]+)\]", r"\1", c) for c in commands]
 
@@ -158,9 +163,7 @@ def test_everything_lands_under_the_run_root(table_run):
 # --------------------------------------------------------------------------- the serving section
 def readme_serving() -> tuple[str, str, str]:
     """The README's `prism serve` command, its curl call and its openai-client snippet, as written."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Serving over HTTP"):]
-    section = section[:section.index("\n## ", 4)]
+    section = readme_section("## Serving over HTTP")
     blocks = re.findall(r"```(bash|python)\n(.*?)```", section, flags=re.S)
     serve = next(b for lang, b in blocks if lang == "bash" and b.startswith("prism serve")).strip()
     curl = next(b for lang, b in blocks if lang == "bash" and b.startswith("curl")).strip()
@@ -218,9 +221,7 @@ def test_the_readme_serve_commands_answer_with_the_gated_models_own_output(table
 # --------------------------------------------------------------------------- the lm-eval section
 def readme_lm_eval() -> str:
     """The README's `prism lm-eval` command, as written."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("## Evaluating with lm-evaluation-harness"):]
-    section = section[:section.index("\n## ", 4)]
+    section = readme_section("## Evaluating with lm-evaluation-harness")
     return next(b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if b.startswith("prism lm-eval"))
 
 
@@ -262,8 +263,7 @@ def test_the_readme_cross_check_agrees_to_the_question(table_run):
     PRISM rows equal lm-eval's prism_mmlu_chat on routes base and gate, question for question, routing included."""
     import shlex
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("**Cross-check against `prism test`**"):]
+    section = readme_section("**Cross-check against `prism test`**")
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
     run, n = table_run["tmp"] / "run", 40
     for i, line in enumerate(block.strip().splitlines()):
