@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+from prism_lightning.bootstrap.config import JudgeConfig
+from prism_lightning.bootstrap.judge import Judge
+from prism_lightning.bootstrap.labels import PROTOCOLS, SCORER, Comparison, decide, scoring_items
 from prism_lightning.model.backbone import BackboneConfig, load_backbone
 from prism_lightning.model.chat import ChatFormatter
 from prism_lightning.model.generation import DecodingConfig, generate_batch
+from prism_lightning.training.teacher_cache import build_teacher_cache
+from prism_lightning.utils.jsonl import JsonlSink
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -47,7 +54,17 @@ def engine():
     from prism_lightning.model.vllm_engine import VllmEngine
 
     backbone = load_backbone(BackboneConfig())
-    return VllmEngine(backbone, BackboneConfig())
+    started = VllmEngine(backbone, BackboneConfig(), kv_cache_gib=1.0)
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def answers(engine):
+    """Greedy HF answers to PROMPTS (40 tokens): what the judge tests compare."""
+    formatter = ChatFormatter(engine.backbone.tokenizer)
+    return [generate_batch(engine.backbone, [formatter.prompt_ids(p)], DecodingConfig(max_new_tokens=40))[0]["text"]
+            for p in PROMPTS]
 
 
 @needs_vllm
@@ -107,3 +124,73 @@ def test_quickstart_bootstrap_stages_on_vllm_keep_the_schema_and_name_the_engine
     for stage in ("queries", "answers"):
         keys = {tuple(sorted(json.loads(line))) for line in vllm[stage].read_text().splitlines()}
         assert keys == {tuple(sorted(json.loads(line))) for line in hf[stage].read_text().splitlines()}
+
+
+# Stated tolerances (float32 on CPU; HF runs left-padded batches, vLLM its own kernels): per stored log-prob, per
+# summed answer log-likelihood (40-odd tokens), per teacher logit.
+LOGPROB_ATOL, SUM_ATOL, LOGIT_ATOL = 1e-3, 1e-2, 1e-3
+
+
+@needs_vllm
+def test_judge_scores_and_verdicts_equal_the_hugging_face_path(engine, answers, tmp_path):
+    n = len(PROMPTS)
+    # Each query against its own answer and against the next query's (a relevance control): both outcomes occur.
+    comparisons = [Comparison(f"q{i}/{side}", PROMPTS[i], f"q{i}", f"q{(i + 1) % n}", answers[i], answers[(i + 1) % n])
+                   if side == "own" else
+                   Comparison(f"q{i}/{side}", PROMPTS[i], f"q{(i + 1) % n}", f"q{i}", answers[(i + 1) % n], answers[i])
+                   for i in range(n) for side in ("own", "other")]
+    config = JudgeConfig(batch_size=4, max_answer_tokens=48)
+    scores: dict[str, dict[str, dict]] = {}
+    for kind in ("pairwise", "pointwise", "likelihood"):
+        items = scoring_items(kind, comparisons)
+        for name, scorer in (("hf", None), ("vllm", engine)):
+            sink = JsonlSink(tmp_path / f"{kind}-{name}.jsonl")
+            Judge(engine.backbone, config, scorer).score(kind, items, sink)
+            scores.setdefault(kind, {})[name] = {r["id"]: r for r in sink.records()}
+        hf, vllm = scores[kind]["hf"], scores[kind]["vllm"]
+        assert set(hf) == set(vllm) == {i["id"] for i in items}
+        for key in hf:
+            for field, value in hf[key].items():
+                if field == "id":
+                    continue
+                got = torch.tensor(vllm[key][field], dtype=torch.float64)
+                atol = SUM_ATOL if field in ("cond", "uncond") else LOGPROB_ATOL
+                assert torch.allclose(got, torch.tensor(value, dtype=torch.float64), atol=atol), (kind, key, field)
+    for protocol in PROTOCOLS:
+        by_engine = {name: decide(protocol, comparisons, scores[SCORER[protocol]][name], config)
+                     for name in ("hf", "vllm")}
+        assert torch.equal(by_engine["hf"].label, by_engine["vllm"].label), protocol
+        assert 0 < int(by_engine["hf"].label.sum()) < len(comparisons) or protocol == "strict"
+
+
+@needs_vllm
+def test_teacher_top_k_cache_equals_the_hugging_face_cache(engine, answers, tmp_path):
+    from prism_lightning.model.vllm_engine import VllmEngine
+
+    backbone = engine.backbone
+    formatter = ChatFormatter(backbone.tokenizer)
+    persona = "You are a patient teacher who explains every step."
+    encoded = []
+    for i, (question, answer) in enumerate(zip(PROMPTS, answers)):
+        teacher = formatter.encode(question, answer, persona)
+        encoded.append({"id": f"q{i}", "teacher": teacher.input_ids, "t_start": teacher.prompt_len,
+                        "n_resp": len(teacher.input_ids) - teacher.prompt_len})
+    hf = build_teacher_cache(backbone, encoded, 64, tmp_path, batch_size=3)
+    logits_engine = VllmEngine(backbone, BackboneConfig(), kv_cache_gib=1.0, values="logits")
+    try:
+        vllm = build_teacher_cache(backbone, encoded, 64, tmp_path, batch_size=3, engine=logits_engine)
+    finally:
+        logits_engine.close()
+    assert hf.path != vllm.path and set(hf.records) == set(vllm.records)  # the engine names its own stage file
+    positions = agree = 0
+    for key in hf.records:
+        hv, hi = hf.targets(key)
+        vv, vi = vllm.targets(key)
+        assert hv.shape == vv.shape and hv.shape[1] == 64
+        assert torch.allclose(vv, hv, atol=LOGIT_ATOL)  # both sorted: the k largest logits, rank by rank
+        # The same vocabulary ids, up to ties inside the tolerance (an id pair may swap ranks).
+        same = hi == vi
+        assert bool(((vv - hv).abs() <= LOGIT_ATOL)[~same].all())
+        positions += same.numel()
+        agree += int(same.sum())
+    assert agree / positions > 0.99

@@ -32,7 +32,7 @@ from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.distributed.sharding import Shard, ShardedSink
 from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
 from prism_lightning.model.chat import ChatFormatter, Placement, template_fingerprint
-from prism_lightning.model.generation import Engine
+from prism_lightning.model.vllm_engine import VllmEngine, require_one_process
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.jsonl import read_jsonl_numbered, read_text, write_json, write_jsonl
 
@@ -206,11 +206,17 @@ class CorpusBuilder:
             comparisons = (main_comparisons(judged, candidates, answers, self.samples)
                            + relevance_comparisons(controls, answers) + quality_comparisons(controls, answers)
                            + cross_comparisons(controls, candidates, answers))
-            judge = Judge(judge_backbone, self.judge)
+            judge_engine = (engine if judge_backbone is backbone or engine is None else
+                            self._engine(judge_backbone, shard, self.judge.model))
+            judge = Judge(judge_backbone, self.judge, judge_engine)
             for k, kind in enumerate(self.scorer_kinds()):
                 sink = ShardedSink(stages / f"judge-{hashes['judge' if k == 0 else f'judge_{kind}']}.jsonl", shard)
                 judge.score(kind, scoring_items(kind, comparisons), sink)
                 by_kind[kind] = {r["id"]: r for r in sink.records()}
+            if judge_engine is not None and judge_engine is not engine:
+                judge_engine.close()
+        if engine is not None:
+            engine.close()  # its weights and KV cache would otherwise stay resident through training
         items, stats, reliability = [], {}, None
         if scoring is not None:
             scores = by_kind[SCORER[scoring.protocol]]
@@ -252,16 +258,14 @@ class CorpusBuilder:
             release_backbone(self.judge.model)
         return Corpus(self.directory, items, manifest)
 
-    def _engine(self, backbone: Backbone, shard: Shard) -> Optional[Engine]:
-        """The generation engine of stages 1 and 2: None for Hugging Face ``generate``, else a vLLM engine."""
+    def _engine(self, backbone: Backbone, shard: Shard,
+                config: Optional[BackboneConfig] = None) -> Optional[VllmEngine]:
+        """The engine of stages 1–3 (of the judge's model when ``config`` names it): None for Hugging Face, else a
+        vLLM engine on the same weights (started at its first request: a rerun with every stage done starts none)."""
         if self.engine == "hf":
             return None
-        if shard.world > 1:
-            raise PrismError("data.engine: vllm runs in one process (vLLM schedules the prompts itself); "
-                             "launch without torchrun/srun, or use data.engine hf")
-        from prism_lightning.model.vllm_engine import VllmEngine  # lazy: only the vLLM environment has vllm
-
-        return VllmEngine(backbone, self.backbone_config)
+        require_one_process(shard.world)
+        return VllmEngine(backbone, config or self.backbone_config)
 
     def _reused_stage_facts(self, hashes: dict, measured: dict, world: int) -> tuple[dict, dict]:
         """Seconds and world size per stage, kept as recorded for stages that a rerun found done (not redone).

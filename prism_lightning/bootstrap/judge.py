@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -12,8 +12,11 @@ from prism_lightning.distributed.sharding import run_stage, stage_progress, todo
 from prism_lightning.model.backbone import Backbone
 from prism_lightning.model.chat import ChatFormatter
 from prism_lightning.model.choices import ChoiceReader, require_direct_answer
-from prism_lightning.model.generation import continuation_logprob, token_logprobs
+from prism_lightning.model.generation import batch_groups, continuation_logprob, token_logprobs
 from prism_lightning.utils.jsonl import JsonlSink
+
+if TYPE_CHECKING:
+    from prism_lightning.model.vllm_engine import VllmEngine
 
 JUDGE_SYSTEM = ("You are a fair and rigorous judge of answers. Judge correctness first, then relevance, "
                 "helpfulness and clarity. Length is not a merit: padding and repetition count against an answer.")
@@ -39,11 +42,15 @@ def verdict_sequences(tokenizer, kind: str) -> list[list[int]]:
 
 
 class Judge:
-    """Reads verdicts from the log-probabilities of the choices' token sequences: nothing parsed from free text."""
+    """Reads verdicts from the log-probabilities of the choices' token sequences: nothing parsed from free text.
 
-    def __init__(self, backbone: Backbone, config: JudgeConfig) -> None:
+    With an ``engine`` (vLLM on the same weights) the log-probs come from it, several planned batches per call.
+    """
+
+    def __init__(self, backbone: Backbone, config: JudgeConfig, engine: Optional["VllmEngine"] = None) -> None:
         self.backbone = backbone
         self.config = config
+        self.engine = engine
         self.formatter = ChatFormatter(backbone.tokenizer)
         require_direct_answer(self.formatter, "data.judge", NOT_A_VERDICT)
         self.pairwise = ChoiceReader(backbone.tokenizer, PAIRWISE_CHOICES)
@@ -58,6 +65,8 @@ class Judge:
 
     def logprobs(self, prompts: Sequence[Sequence[int]], tokens: Sequence[int], tail: int) -> torch.Tensor:
         """Log-probs of ``tokens`` after the last ``tail`` positions of one batch ([n, tail, k]); a ``LogprobFn``."""
+        if self.engine is not None:
+            return self.engine.logprobs(prompts, tokens, tail)
         return token_logprobs(self.backbone.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
                               prompts, tokens, tail)
 
@@ -72,10 +81,13 @@ class Judge:
         def work() -> None:
             if not batches:
                 return
+            per_call = self.engine.batches_per_call if self.engine is not None else 1
             with stage_progress(sum(map(len, batches)), description, sink) as advance:
-                for batch in batches:
-                    sink.append(score(batch))
-                    advance(len(batch))
+                for group in batch_groups(batches, per_call):
+                    records = iter(score([item for batch in group for item in batch]))
+                    for batch in group:
+                        sink.append([next(records) for _ in batch])
+                        advance(len(batch))
 
         run_stage(work, items, self.config.batch_size, sink)
 
@@ -107,8 +119,10 @@ class Judge:
 
         def score(batch: list[dict]) -> list[dict]:
             prompts = [i["prompt_ids"] for i in batch] + [empty] * len(batch)
-            sums = continuation_logprob(self.backbone.model, tokenizer.pad_token_id, self.backbone.device, prompts,
-                                        [i["answer_ids"] for i in batch] * 2)
+            continuations = [i["answer_ids"] for i in batch] * 2
+            sums = (self.engine.continuation_logprob(prompts, continuations) if self.engine is not None else
+                    continuation_logprob(self.backbone.model, tokenizer.pad_token_id, self.backbone.device, prompts,
+                                         continuations))
             n = len(batch)
             return [{"id": item["id"], "cond": float(sums[k]), "uncond": float(sums[n + k]),
                      "tokens": len(item["answer_ids"])} for k, item in enumerate(batch)]

@@ -23,6 +23,7 @@ from prism_lightning.model.chat import ChatFormatter, Placement
 from prism_lightning.model.gate_mlp import soft_targets
 from prism_lightning.model.generation import right_pad
 from prism_lightning.model.prefix_states import shared_prefix_len
+from prism_lightning.model.vllm_engine import VllmEngine, require_one_process
 from prism_lightning.training.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
 from prism_lightning.training.teacher_cache import TeacherCache, TeacherMode, build_teacher_cache, item_key
 from prism_lightning.training.teacher_text import TeacherText, teacher_placements, teacher_texts
@@ -168,8 +169,8 @@ class BootstrapDataModule(L.LightningDataModule):
             refuses).
         adapters: K-way PRISM: adapter name -> the contexts it distils (each context in one); the gate learns none
             vs which adapter. Empty (default): one adapter for every context, binary PRISM.
-        engine: what generates in stages 1 and 2: ``hf`` (transformers ``generate``) or ``vllm`` (one process; in
-            the environment scripts/install-vllm.sh builds). The judge and the teacher stay on ``hf``.
+        engine: what runs the base model's forwards of stages 1–3 and of the teacher cache: ``hf`` (transformers)
+            or ``vllm`` (one process; in the environment scripts/install-vllm.sh builds). Training stays on HF.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
@@ -267,8 +268,17 @@ class BootstrapDataModule(L.LightningDataModule):
         if Shard.current().rank == 0:
             announce("teacher cache", f"top-{self.teacher_top_k} teacher targets of {len(encoded)} distill items "
                                       f"(finished ones are reused)")
-        return build_teacher_cache(load_backbone(self.backbone_config), encoded, self.teacher_top_k,
-                                   self.resolve_corpus_dir(), self.batch_size)
+        backbone = load_backbone(self.backbone_config)
+        engine = None
+        if self.engine == "vllm":
+            require_one_process(Shard.current().world)
+            engine = VllmEngine(backbone, self.backbone_config, values="logits", max_logprobs=self.teacher_top_k)
+        try:
+            return build_teacher_cache(backbone, encoded, self.teacher_top_k, self.resolve_corpus_dir(),
+                                       self.batch_size, engine)
+        finally:
+            if engine is not None:
+                engine.close()  # before training: the engine's weights and KV cache are not needed again
 
     def replicas(self) -> tuple[int, int]:
         """(world size, this process's rank) of the run these loaders feed; (1, 0) outside a Trainer."""

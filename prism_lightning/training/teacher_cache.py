@@ -16,15 +16,16 @@ import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
 from prism_lightning.distributed.sharding import ShardedSink, run_stage, stage_progress, todo_batches
 from prism_lightning.model.backbone import Backbone
-from prism_lightning.model.generation import right_pad
+from prism_lightning.model.generation import batch_groups, right_pad
 from prism_lightning.model.lm_head import decoder_hidden, head_logits
+from prism_lightning.model.vllm_engine import VllmEngine
 from prism_lightning.utils.errors import PrismError
 
 TeacherMode = Literal["online", "cached"]
@@ -36,9 +37,10 @@ def item_key(item_id: str, teacher_ids: Sequence[int], n_resp: int) -> str:
     return f"{item_id}#{digest[:16]}"
 
 
-def stage_file(corpus_dir: Path, backbone: Backbone, top_k: int) -> Path:
-    """``<corpus>/stages/teacher-<hash>.jsonl`` for these base weights, their dtype and k."""
-    spec = {"fingerprint": backbone.fingerprint, "dtype": backbone.config.dtype, "top_k": top_k, "version": 1}
+def stage_file(corpus_dir: Path, backbone: Backbone, top_k: int, engine: str = "hf") -> Path:
+    """``<corpus>/stages/teacher-<hash>.jsonl`` for these base weights, their dtype, k and engine."""
+    spec = {"fingerprint": backbone.fingerprint, "dtype": backbone.config.dtype, "top_k": top_k, "version": 1,
+            **({"engine": engine} if engine != "hf" else {})}  # the HF cache keeps the name it always had
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return Path(corpus_dir) / "stages" / f"teacher-{digest}.jsonl"
 
@@ -69,15 +71,16 @@ class TeacherCache:
 
 @torch.no_grad()
 def build_teacher_cache(backbone: Backbone, encoded: Sequence[dict], top_k: int, corpus_dir: Path,
-                        batch_size: int) -> TeacherCache:
+                        batch_size: int, engine: Optional[VllmEngine] = None) -> TeacherCache:
     """Compute (or finish) the teacher top-k of every encoded distill item; every rank calls it (a collective).
 
     ``encoded`` holds ``Collator.encode_item`` outputs of distill items (``teacher``, ``t_start``, ``n_resp``).
+    ``engine``: a vLLM engine returning raw logits on the same weights (one process), several batches per call.
     """
     if top_k <= 0:
         raise PrismError("data.teacher: cached keeps the teacher's top-k; model.top_k 0 (full vocabulary) needs "
                          "data.teacher online")
-    path = stage_file(corpus_dir, backbone, top_k)
+    path = stage_file(corpus_dir, backbone, top_k, "vllm" if engine is not None else "hf")
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = ShardedSink(path)
     items = [{"id": item_key(e["id"], e["teacher"], e["n_resp"]), "prompt_ids": e["teacher"], "enc": e}
@@ -89,6 +92,13 @@ def build_teacher_cache(backbone: Backbone, encoded: Sequence[dict], top_k: int,
         # Deterministic, so only the missing items run (a generation stage reruns whole batches for their seeds).
         batches = todo_batches([item for item in items if item["id"] not in sink], batch_size, sink)
         with stage_progress(sum(len(b) for b in batches), "teacher cache", sink) as advance:
+            if engine is not None:
+                for group in batch_groups(batches, engine.batches_per_call):
+                    records = iter(engine_records(engine, [item for batch in group for item in batch], top_k))
+                    for batch in group:
+                        sink.append([next(records) for _ in batch])
+                        advance(len(batch))
+                return
             for batch in batches:
                 sink.append(teacher_records(model, pad, backbone.device, batch, top_k))
                 advance(len(batch))
@@ -109,6 +119,18 @@ def teacher_records(model, pad_id: int, device: torch.device, batch: Sequence[di
         model.train(was_training)
 
 
+def engine_records(engine: VllmEngine, items: Sequence[dict], top_k: int) -> list[dict]:
+    """The records of ``items`` from the vLLM engine: the same raw top-k logits at the same positions."""
+    found = engine.prompt_topk([i["prompt_ids"] for i in items], [i["enc"]["t_start"] for i in items],
+                               [i["enc"]["n_resp"] for i in items], top_k)
+    return [_record(item, values, index) for item, (values, index) in zip(items, found)]
+
+
+def _record(item: dict, values: torch.Tensor, index: torch.Tensor) -> dict:
+    return {"id": item["id"], "n": item["enc"]["n_resp"], "k": values.shape[-1],
+            "values": _pack(values.float().cpu()), "index": _pack(index.int().cpu())}
+
+
 def _records(model, device: torch.device, batch: Sequence[dict], top_k: int, hidden: torch.Tensor) -> list[dict]:
     """Each row's top-k logits at its response-predicting positions, packed as records."""
     records = []
@@ -116,6 +138,5 @@ def _records(model, device: torch.device, batch: Sequence[dict], top_k: int, hid
         enc = item["enc"]
         positions = torch.arange(enc["n_resp"], device=device) + enc["t_start"] - 1
         values, index = head_logits(model, hidden[row, positions]).topk(top_k, dim=-1)
-        records.append({"id": item["id"], "n": enc["n_resp"], "k": values.shape[-1],
-                        "values": _pack(values.float().cpu()), "index": _pack(index.int().cpu())})
+        records.append(_record(item, values, index))
     return records
