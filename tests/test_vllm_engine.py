@@ -93,7 +93,7 @@ def test_a_sampled_item_draws_from_its_own_seed_whatever_its_batch(engine):
 
 
 @needs_vllm
-def test_quickstart_bootstrap_stages_on_vllm_keep_the_schema_and_name_the_engine(tmp_path):
+def test_quickstart_bootstrap_and_teacher_cache_on_vllm_keep_the_schema_and_name_the_engine(tmp_path):
     overlay = tmp_path / "small.yaml"
     overlay.write_text(json.dumps({"data": {
         "personas": {"names": ["math", "writing"], "granularity": "half"},
@@ -121,9 +121,22 @@ def test_quickstart_bootstrap_stages_on_vllm_keep_the_schema_and_name_the_engine
     hf, vllm = runs["hf"], runs["vllm"]
     assert set(hf) == set(vllm) >= {"queries", "answers", "judge"}
     assert all(hf[k].name != vllm[k].name for k in hf)  # the engine is part of every stage's hash
-    for stage in ("queries", "answers"):
+    for stage in ("queries", "answers", "judge"):
         keys = {tuple(sorted(json.loads(line))) for line in vllm[stage].read_text().splitlines()}
         assert keys == {tuple(sorted(json.loads(line))) for line in hf[stage].read_text().splitlines()}
+    # Training on the vLLM corpus with the teacher cache built by vLLM (then the engine is closed and HF trains).
+    fit = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "fit", "--config",
+                          str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), "--data.engine", "vllm",
+                          "--data.teacher", "cached", "--trainer.max_steps", "2", "--trainer.callbacks.init_args.n",
+                          "8", "--trainer.default_root_dir", str(tmp_path / "vllm")],
+                         capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "Loading safetensors checkpoint shards" in fit.stdout + fit.stderr  # the cache ran on vLLM
+    teacher = list((tmp_path / "vllm" / "corpus" / "stages").glob("teacher-*.jsonl"))
+    distill = [json.loads(line) for line in (tmp_path / "vllm" / "corpus" / "corpus.jsonl").read_text().splitlines()]
+    assert len(teacher) == 1
+    assert len(teacher[0].read_text().splitlines()) == sum(item["label"] == 1 for item in distill)
+    assert (tmp_path / "vllm" / "export" / "prism.json").is_file()
 
 
 # Stated tolerances (float32 on CPU; HF runs left-padded batches, vLLM its own kernels): per stored log-prob, per

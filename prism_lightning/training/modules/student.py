@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 
 from prism_lightning.distributed import rng_state
 from prism_lightning.distributed.collectives import all_gather_objects, local_tensor, zero3_partitioned
+from prism_lightning.model.activation_checkpointing import is_checkpointing, set_checkpointing
 from prism_lightning.model.adapters import DEFAULT_ADAPTER, check_adapters
 from prism_lightning.model.backbone import Backbone, BackboneConfig, check_base_model, load_backbone
 from prism_lightning.model.lm_head import decoder_hidden, head_logits
@@ -97,11 +98,9 @@ class DistillationStudent(TeacherPass, DistillLoss, L.LightningModule):
             self.model = attach_lora(self.backbone, self.lora, self.adapter_names)
             self.model.train()  # the backbone was loaded in eval mode; LoRA dropout must be live in training
         base = self.model.get_base_model()
-        if self.hparams.gradient_checkpointing and not base.is_activation_checkpointing:
-            # Non-reentrant: the frozen base's inputs carry no grad, which the reentrant variant would need.
-            base.activation_checkpointing_enable({"use_reentrant": False})
-        elif not self.hparams.gradient_checkpointing and base.is_activation_checkpointing:
-            base.activation_checkpointing_disable()  # the backbone is shared by the process: undo another module's
+        # The backbone is shared by the process: turning it off undoes another module's setting.
+        if bool(self.hparams.gradient_checkpointing) != is_checkpointing(base):
+            set_checkpointing(base, bool(self.hparams.gradient_checkpointing))
 
     def setup(self, stage: str) -> None:
         """Build the model here, before Lightning calls ``configure_model`` inside DeepSpeed's ``zero.Init``.
