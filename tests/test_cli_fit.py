@@ -21,10 +21,11 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" /
 STRATEGIES = sorted((ROOT / "configs" / "strategy").glob("*.yaml"))
 
 
-def save_tiny_model(path: Path, tokenizer, seed: int) -> Path:
+def save_tiny_model(path: Path, tokenizer, seed: int, hidden_size: int = 64, heads: int = 4) -> Path:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=3, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                         tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)

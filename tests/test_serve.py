@@ -1,4 +1,5 @@
-"""`prism serve` (issue #26): the server in a subprocess on a tiny random export, driven by the real `openai` client.
+"""`prism serve` (issue #26; `--engine vllm`, issue #27): the server in a subprocess on a tiny random export, driven
+by the real `openai` client, on each engine.
 
 Every served text is checked against ``GatedModel`` in this process on the same export: forced routes, the gate's
 route and probability, a mixed batch of concurrent requests with different budgets, streaming, stop strings.
@@ -6,6 +7,7 @@ route and probability, a mixed batch of concurrent requests with different budge
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +24,8 @@ from typing import Iterator
 import pytest
 
 openai = pytest.importorskip("openai")
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM (scripts/install-vllm.sh)")
 
 from test_cli_fit import save_tiny_model  # noqa: E402
 from test_routing import _randomise  # noqa: E402
@@ -101,12 +105,21 @@ class Server:
 @pytest.fixture(scope="module")
 def export(smol_tokenizer, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("serve")
-    return make_export(tmp / "export", save_tiny_model(tmp / "model", smol_tokenizer, seed=0))
+    # Head size 64: one vLLM's CPU attention kernels take (the HF path takes any).
+    return make_export(tmp / "export", save_tiny_model(tmp / "model", smol_tokenizer, seed=0, hidden_size=128,
+                                                       heads=2))
+
+
+@pytest.fixture(scope="module", params=["hf", pytest.param("vllm", marks=needs_vllm)])
+def engine(request) -> tuple[str, ...]:
+    """`prism serve`'s engine arguments: every test below runs on the HF path and, where vLLM is installed
+    (scripts/install-vllm.sh), on vLLM with the same expectations."""
+    return ("--engine", request.param) + (("--kv_cache_gib", "0.5") if request.param == "vllm" else ())
 
 
 @pytest.fixture(scope="module")
-def server(export) -> Iterator[Server]:
-    running = Server(export, "--max_wait_ms", "200", "--max_tokens", "16")
+def server(export, engine) -> Iterator[Server]:
+    running = Server(export, *engine, "--max_wait_ms", "200", "--max_tokens", "16")
     yield running
     running.stop()
 
@@ -259,8 +272,8 @@ def test_a_streaming_client_that_leaves_stops_its_rows_generation(server):
     assert server.health()["cancelled_rows"] == before + 1
 
 
-def test_sigterm_finishes_the_request_in_flight_then_exits(export):
-    running = Server(export, "--max_tokens", "200")
+def test_sigterm_finishes_the_request_in_flight_then_exits(export, engine):
+    running = Server(export, *engine, "--max_tokens", "200")
     stream = running.client().chat.completions.create(
         model="prism:adapter", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=200, stream=True)
     first = next(iter(stream))  # the request is in flight (routed, generating)
@@ -274,8 +287,12 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(export):
 
 
 def test_a_bad_export_or_setting_is_one_line_at_start(tmp_path, export):
-    for args, needle in ((["--export", str(tmp_path / "missing")], "missing"),
-                         (["--export", str(export), "--max_batch_size", "0"], "max_batch_size")):
+    cases = [(["--export", str(tmp_path / "missing")], "missing"),
+             (["--export", str(export), "--max_batch_size", "0"], "max_batch_size"),
+             (["--export", str(export), "--engine", "tgi"], "engine")]
+    if not HAS_VLLM:
+        cases.append((["--export", str(export), "--engine", "vllm"], "scripts/install-vllm.sh"))
+    for args, needle in cases:
         result = subprocess.run([*PRISM, "serve", *args], capture_output=True, text=True, timeout=300)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr[-2000:]

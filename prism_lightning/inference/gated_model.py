@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,7 +19,7 @@ from prism_lightning.inference.export import (
     read_safetensors,
 )
 from prism_lightning.model.adapters import DEFAULT_ADAPTER
-from prism_lightning.model.backbone import BackboneConfig, check_base_model, load_backbone
+from prism_lightning.model.backbone import BackboneConfig, check_base_model, load_backbone, release_backbone
 from prism_lightning.model.chat import ChatFormatter
 from prism_lightning.model.features import layer0_features
 from prism_lightning.model.gate_mlp import GateMLP, open_logit
@@ -31,7 +32,9 @@ from prism_lightning.model.generation import (
     next_token_logprobs,
     token_logprobs,
 )
+from prism_lightning.model.lm_head import base_model
 from prism_lightning.model.row_routing import BASE, rows_on_adapters
+from prism_lightning.utils.errors import PrismError
 
 ROUTES = ("gate", "adapter", "base")
 
@@ -55,6 +58,22 @@ class GatedModel:
         # A call's routes live on the shared LoRA modules (per-row scaling, disabled adapters) while it runs: one call
         # at a time, so two threads (or a server's requests) never run on each other's routes.
         self._lock = threading.RLock()
+        self.gate_only = False
+        self._lora_left = True
+
+    def keep_gate_only(self) -> None:
+        """Drop every decoder layer the gate does not read (it reads layer 0), freeing their memory: for a server
+        whose generation runs in another engine (vLLM). Generating or scoring with this object is refused after."""
+        decoder = base_model(self.model).get_decoder()
+        decoder.layers = decoder.layers[:1]
+        self.gate_only = True
+        # PEFT refuses disable_adapter() on a model left without LoRA layers (the usual export spares layer 0).
+        self._lora_left = any(hasattr(m, "lora_A") for m in decoder.layers[0].modules())
+        release_backbone(self.backbone.config)  # nothing else in the process may pick up the cut model
+
+    def _require_layers(self) -> None:
+        if self.gate_only:
+            raise PrismError("this GatedModel keeps only the gate's layers (its generation runs in vLLM)")
 
     @property
     def adapter_name(self) -> str:
@@ -103,7 +122,8 @@ class GatedModel:
         for index in length_batches(prompt_ids, batch_size):
             ids, mask = left_pad([prompt_ids[i] for i in index], pad, self.backbone.device)
             positions = torch.full((len(index),), ids.shape[1] - 1, device=ids.device)  # left padding: last column
-            with self._lock, self.model.disable_adapter():
+            adapters_off = self.model.disable_adapter() if not self.gate_only or self._lora_left else nullcontext()
+            with self._lock, adapters_off:
                 features = layer0_features(self.model, ids, mask, positions)
             logits = self.gate.adapter_logits(features)
             probs[index] = torch.sigmoid(open_logit(logits) / self.temperature).float().cpu()
@@ -156,6 +176,7 @@ class GatedModel:
                       seed: Optional[int] = None, **generate_kwargs) -> list[dict]:
         """One generate call, row ``b`` on PEFT adapter ``names[b]`` (``__base__``: the untouched base);
         ``generate_kwargs`` go to ``generate`` (a server's stopping criteria)."""
+        self._require_layers()
         with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
             return generate_batch(self.backbone, [list(p) for p in prompt_ids], decoding, seed=seed,
                                   model=self.model, **routed, **generate_kwargs)
@@ -165,6 +186,7 @@ class GatedModel:
                    names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward, row ``b`` on adapter ``names[b]``: summed log p(continuation | prompt) and whether greedy
         decoding would write the continuation ([n] each, CPU)."""
+        self._require_layers()
         with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
             return continuation_scores(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
                                        prompt_ids, continuations, **routed)
@@ -173,6 +195,7 @@ class GatedModel:
     def next_token_rows(self, prompt_ids: Sequence[Sequence[int]], names: Sequence[str]) -> torch.Tensor:
         """One forward, row ``b`` on adapter ``names[b]``: log-softmax over the vocabulary after each prompt
         ([n, V], CPU)."""
+        self._require_layers()
         with self._lock, rows_on_adapters(self.model, names, self.adapters) as routed:
             return next_token_logprobs(self.model, self.backbone.tokenizer.pad_token_id, self.backbone.device,
                                        prompt_ids, **routed)
@@ -211,6 +234,7 @@ class GatedModel:
                        route: str = "gate", batch_size: int = 16, tail: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of ``tokens`` after the last ``tail`` positions of each prompt ([n, tail, k], CPU, input order)
         and the rows' gate probabilities ([n])."""
+        self._require_layers()
         rows: list[Optional[torch.Tensor]] = [None] * len(prompt_ids)
         probs = torch.zeros(len(prompt_ids))
         for index in length_batches(prompt_ids, batch_size):

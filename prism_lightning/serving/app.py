@@ -58,9 +58,11 @@ def route_headers(route: dict) -> dict[str, str]:
     return headers
 
 
-def create_app(model: GatedModel, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The server's application around a loaded ``GatedModel``."""
-    batcher = MicroBatcher(model, settings.max_batch_size, settings.max_wait_ms)
+def create_app(model: GatedModel, settings: ServeSettings = ServeSettings(),
+               batcher: Optional[MicroBatcher] = None) -> FastAPI:
+    """The server's application around a loaded ``GatedModel``; ``batcher`` (default: HF generation) runs the
+    requests, e.g. a ``VllmBatcher``."""
+    batcher = batcher or MicroBatcher(model, settings.max_batch_size, settings.max_wait_ms)
     models = served_models(settings.model_name, model.adapters)
     tokenizer = model.backbone.tokenizer
 

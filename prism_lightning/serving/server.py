@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 from prism_lightning.utils.errors import PrismError
 
@@ -26,6 +27,10 @@ class ServeConfig:
         temperature: default temperature (0 = greedy) of a request that sets none.
         top_p: default nucleus mass.
         log_level: uvicorn's log level (``warning`` hides the access log).
+        engine: what generates: ``hf`` (transformers, micro-batched) or ``vllm`` (vLLM's async engine with the
+            export's adapters as LoRA requests; the gate still runs here, on layer 0; in the environment
+            scripts/install-vllm.sh builds).
+        kv_cache_gib: vLLM's KV-cache memory (``engine: vllm``).
     """
 
     export: str
@@ -39,6 +44,8 @@ class ServeConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     log_level: str = "info"
+    engine: Literal["hf", "vllm"] = "hf"
+    kv_cache_gib: float = 2.0
 
     def check(self) -> None:
         """One line naming the setting that cannot work."""
@@ -52,6 +59,8 @@ class ServeConfig:
             raise PrismError(f"max_tokens: must be at least 1, got {self.max_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise PrismError(f"temperature must be >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}")
+        if self.kv_cache_gib <= 0:
+            raise PrismError(f"kv_cache_gib: must be above 0, got {self.kv_cache_gib}")
         if not self.model_name or ":" in self.model_name:
             raise PrismError(f"model_name: {self.model_name!r} must be non-empty and without ':' (it is the prefix "
                              f"of the forced-route ids)")
@@ -68,13 +77,25 @@ def serve(config: ServeConfig) -> None:
         raise PrismError(f"prism serve needs the `serve` extra ({exc.name} is missing): "
                          f"pip install 'prism-lightning[serve]'") from None
     from prism_lightning.inference.gated_model import GatedModel
+    from prism_lightning.model.vllm_engine import require_vllm
 
+    if config.engine == "vllm":
+        require_vllm("engine")  # before loading anything
     model = GatedModel.from_pretrained(config.export, device=config.device)
+    batcher = None
+    if config.engine == "vllm":
+        from prism_lightning.serving.vllm_batcher import VllmBatcher
+
+        batcher = VllmBatcher(model, Path(config.export), config.max_batch_size, config.max_wait_ms,
+                              config.kv_cache_gib)
+        model.keep_gate_only()  # vLLM holds the weights that generate; here only the gate's layer 0 stays
     names = {f.name for f in fields(ServeSettings)}
-    app = create_app(model, ServeSettings(**{k: v for k, v in vars(config).items() if k in names}))
+    app = create_app(model, ServeSettings(**{k: v for k, v in vars(config).items() if k in names}), batcher)
     print(f"serving {config.export} as {config.model_name!r} ({len(model.adapters)} adapter(s), "
-          f"threshold {model.threshold:.3f}) on http://{config.host}:{config.port} — batches of up to "
-          f"{config.max_batch_size}, {config.max_wait_ms:g} ms wait", flush=True)
+          f"threshold {model.threshold:.3f}) on http://{config.host}:{config.port} — "
+          + (f"vLLM engine (continuous batching), gate batches of up to {config.max_batch_size}"
+             if config.engine == "vllm" else f"batches of up to {config.max_batch_size}")
+          + f", {config.max_wait_ms:g} ms wait", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                           timeout_graceful_shutdown=None))
     # uvicorn catches SIGTERM/SIGINT, drains the requests in flight, then raises the signal again to the handlers it
