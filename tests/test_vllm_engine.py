@@ -119,11 +119,28 @@ def test_quickstart_bootstrap_and_teacher_cache_on_vllm_keep_the_schema_and_name
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Loading safetensors checkpoint shards" not in again.stdout + again.stderr
     hf, vllm = runs["hf"], runs["vllm"]
+    assert json.loads((tmp_path / "vllm" / "corpus" / "manifest.json").read_text())["engine"] == "vllm"
+    assert "engine" not in json.loads((tmp_path / "hf" / "corpus" / "manifest.json").read_text())
     assert set(hf) == set(vllm) >= {"queries", "answers", "judge"}
     assert all(hf[k].name != vllm[k].name for k in hf)  # the engine is part of every stage's hash
     for stage in ("queries", "answers", "judge"):
         keys = {tuple(sorted(json.loads(line))) for line in vllm[stage].read_text().splitlines()}
         assert keys == {tuple(sorted(json.loads(line))) for line in hf[stage].read_text().splitlines()}
+    # The same answers judged on HF (data.scoring_engine hf): stages 1-2 are reused, the judge gets its own file,
+    # and every label equals the one the vLLM judge gave.
+    corpus = tmp_path / "vllm" / "corpus"
+    labels_vllm = [(i["id"], i["label"]) for i in map(json.loads, (corpus / "corpus.jsonl").read_text().splitlines())]
+    mixed = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "bootstrap", "--config",
+                            str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), "--data.engine", "vllm",
+                            "--data.scoring_engine", "hf", "--trainer.default_root_dir", str(tmp_path / "vllm")],
+                           capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    assert "Loading safetensors checkpoint shards" not in mixed.stdout + mixed.stderr  # nothing ran on vLLM
+    assert len(list((corpus / "stages").glob("judge-*.jsonl"))) == 2
+    assert len(list((corpus / "stages").glob("answers-*.jsonl"))) == 1
+    labels_hf = [(i["id"], i["label"]) for i in map(json.loads, (corpus / "corpus.jsonl").read_text().splitlines())]
+    assert labels_hf == labels_vllm
+    assert json.loads((corpus / "manifest.json").read_text())["scoring_engine"] == "hf"
     # Training on the vLLM corpus with the teacher cache built by vLLM (then the engine is closed and HF trains).
     fit = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "fit", "--config",
                           str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), "--data.engine", "vllm",
@@ -137,6 +154,38 @@ def test_quickstart_bootstrap_and_teacher_cache_on_vllm_keep_the_schema_and_name
     assert len(teacher) == 1
     assert len(teacher[0].read_text().splitlines()) == sum(item["label"] == 1 for item in distill)
     assert (tmp_path / "vllm" / "export" / "prism.json").is_file()
+    check_readme_serve_command(tmp_path / "vllm" / "export")
+
+
+def check_readme_serve_command(export: Path) -> None:
+    """The README's `prism serve --engine vllm` line on a trained export of the embedded model: each reply equals
+    GatedModel's on the route the gate took (the same text, route and probability)."""
+    from test_serve import Server
+
+    from prism_lightning.inference.gated_model import GatedModel
+
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## The vLLM engine", 1)[1].split("\n## ", 1)[0]
+    line = next(w for w in section.splitlines() if " prism serve " in f" {w} ".replace("/prism ", " prism "))
+    words = line.split()
+    args = words[words.index("serve") + 1:]
+    del args[args.index("--export"):args.index("--export") + 2]
+    server = Server(export, *args)
+    try:
+        gated = GatedModel.from_pretrained(export, device="cpu")
+        client = server.client()
+        for prompt in PROMPTS[:3]:
+            reply = client.chat.completions.create(model="prism", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=24)
+            expected = gated.generate_ids([gated.prompt_ids(prompt)], DecodingConfig(max_new_tokens=24))[0]
+            assert reply.choices[0].message.content.strip() == expected["text"], prompt
+            assert reply.model_extra["prism"]["route"] == expected["route"]
+            assert reply.model_extra["prism"]["probability"] == expected["probability"]
+        adapter = client.chat.completions.create(model="prism:adapter", max_tokens=24,
+                                                 messages=[{"role": "user", "content": PROMPTS[0]}])
+        forced = gated.generate_ids([gated.prompt_ids(PROMPTS[0])], DecodingConfig(max_new_tokens=24), "adapter")[0]
+        assert adapter.choices[0].message.content.strip() == forced["text"]
+    finally:
+        server.stop()
 
 
 # Stated tolerances (float32 on CPU; HF runs left-padded batches, vLLM its own kernels): per stored log-prob, per

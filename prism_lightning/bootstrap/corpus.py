@@ -32,7 +32,7 @@ from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.distributed.sharding import Shard, ShardedSink
 from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
 from prism_lightning.model.chat import ChatFormatter, Placement, template_fingerprint
-from prism_lightning.model.vllm_engine import VllmEngine, require_one_process
+from prism_lightning.model.vllm_engine import VllmEngine, require_one_process, require_vllm
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.jsonl import read_jsonl_numbered, read_text, write_json, write_jsonl
 
@@ -113,14 +113,16 @@ class CorpusBuilder:
 
     def __init__(self, backbone: BackboneConfig, personas: PersonaConfig, queries: QueryConfig,
                  answers: AnswerConfig, judge: JudgeConfig, placement: Placement, directory: Path,
-                 labels: LabelConfig = LabelConfig(), engine: str = "hf") -> None:
+                 labels: LabelConfig = LabelConfig(), engine: str = "hf",
+                 scoring_engine: Optional[str] = None) -> None:
         self.backbone_config = backbone
         self.registry = PersonaRegistry.from_config(personas)
         self.queries, self.answers, self.judge = queries, answers, judge
         self.samples = labels.samples
         self.placement = placement
         self.directory = Path(directory)
-        self.engine = engine
+        self.engine = engine  # stages 1-2 (generation)
+        self.scoring_engine = scoring_engine or engine  # stage 3 (the judge's log-probs)
 
     def scorer_kinds(self) -> list[str]:
         """The judge scorers this run needs: the scoring protocol's, or all of them when comparing protocols
@@ -156,11 +158,13 @@ class CorpusBuilder:
             # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
             # The stored log-probs are those of the choices' token sequences, so the sequences are part of the hash;
             # so are the controls (two kinds, the quality ones made by degrade.py's generators).
+            # The generation engine is in h_answers; a judge on another engine than that is named here.
             hashes["judge" if k == 0 else f"judge_{kind}"] = stable_hash(
                 h_answers, judge_backbone.fingerprint, template_fingerprint(judge_backbone.tokenizer), kind,
                 verdict_sequences(judge_backbone.tokenizer, kind), self.judge.max_answer_tokens,
                 self.judge.control_pairs, ["relevance", "quality", degrade.VERSION, "cross_source",
-                                           source_bias.VERSION])
+                                           source_bias.VERSION],
+                *([{"engine": self.scoring_engine}] if self.scoring_engine != self.engine else []))
         return hashes
 
     def build(self) -> Corpus:
@@ -170,12 +174,15 @@ class CorpusBuilder:
         file (see ``sharding``), rank 0 merges them and writes the corpus, and all ranks return the same corpus.
         """
         shard = Shard.current()
+        if "vllm" in (self.engine, self.scoring_engine):  # before any stage runs, not when vLLM is first needed
+            require_vllm("data.engine" if self.engine == "vllm" else "data.scoring_engine")
+            require_one_process(shard.world)
         backbone = load_backbone(self.backbone_config)
         judge_backbone = load_backbone(self.judge.model) if self.judge.model else backbone
         Judge(judge_backbone, self.judge)  # a judge that cannot read verdicts fails now, not after stages 1-2
         hashes = self.stage_hashes(backbone, judge_backbone)
         stages = self.directory / "stages"
-        engine = self._engine(backbone, shard)
+        engine = self._engine(backbone) if self.engine == "vllm" else None
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -206,8 +213,10 @@ class CorpusBuilder:
             comparisons = (main_comparisons(judged, candidates, answers, self.samples)
                            + relevance_comparisons(controls, answers) + quality_comparisons(controls, answers)
                            + cross_comparisons(controls, candidates, answers))
-            judge_engine = (engine if judge_backbone is backbone or engine is None else
-                            self._engine(judge_backbone, shard, self.judge.model))
+            judge_engine = None
+            if self.scoring_engine == "vllm":
+                judge_engine = (engine if judge_backbone is backbone and engine is not None else
+                                self._engine(judge_backbone, self.judge.model))
             judge = Judge(judge_backbone, self.judge, judge_engine)
             for k, kind in enumerate(self.scorer_kinds()):
                 sink = ShardedSink(stages / f"judge-{hashes['judge' if k == 0 else f'judge_{kind}']}.jsonl", shard)
@@ -258,13 +267,9 @@ class CorpusBuilder:
             release_backbone(self.judge.model)
         return Corpus(self.directory, items, manifest)
 
-    def _engine(self, backbone: Backbone, shard: Shard,
-                config: Optional[BackboneConfig] = None) -> Optional[VllmEngine]:
-        """The engine of stages 1–3 (of the judge's model when ``config`` names it): None for Hugging Face, else a
-        vLLM engine on the same weights (started at its first request: a rerun with every stage done starts none)."""
-        if self.engine == "hf":
-            return None
-        require_one_process(shard.world)
+    def _engine(self, backbone: Backbone, config: Optional[BackboneConfig] = None) -> VllmEngine:
+        """A vLLM engine on ``backbone``'s weights (the judge's when ``config`` names them), started at its first
+        request: a rerun with every stage done starts none."""
         return VllmEngine(backbone, config or self.backbone_config)
 
     def _reused_stage_facts(self, hashes: dict, measured: dict, world: int) -> tuple[dict, dict]:
@@ -309,6 +314,9 @@ class CorpusBuilder:
                                        *([{"intent": [self.knowledge_every(), self.judge.intent_scorer]}]
                                          if self.judge.protocol == "intent" else [])),
             "stages": hashes,
+            # HF manifests keep their old keys.
+            **({"engine": self.engine} if self.engine != "hf" else {}),
+            **({"scoring_engine": self.scoring_engine} if self.scoring_engine != self.engine else {}),
             "placement": self.placement,
             "answer_mode": self.answers.mode,
             "personas": {p.name: p.text for p in self.registry},

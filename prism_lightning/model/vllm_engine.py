@@ -27,8 +27,8 @@ def require_vllm(key: str) -> None:
 def require_one_process(world: int) -> None:
     """vLLM schedules every prompt itself in one process: a launch with several ranks is refused in one line."""
     if world > 1:
-        raise PrismError("data.engine: vllm runs in one process (vLLM schedules the prompts itself); "
-                         "launch without torchrun/srun, or use data.engine hf")
+        raise PrismError("data.engine / data.scoring_engine: vllm runs in one process (vLLM schedules the prompts "
+                         "itself); launch without torchrun/srun, or use hf")
 
 
 def engine_arguments(backbone: Backbone, config: BackboneConfig, kv_cache_gib: float, **extra: Any) -> dict:

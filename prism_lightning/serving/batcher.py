@@ -115,21 +115,23 @@ class MicroBatcher:
         return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = [j for j in await self._collect() if not j.future.done()]  # a client that left is not run
             if not batch:
                 continue
             try:
-                results = await loop.run_in_executor(self._worker, self.run_batch, batch)
+                await self._dispatch(batch)
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the server goes on
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
-                continue
-            for job, result in zip(batch, results):
-                if not job.future.done():
-                    job.future.set_result(result)
+
+    async def _dispatch(self, batch: list[Job]) -> None:
+        """Run one collected batch on the worker thread and resolve its jobs' futures."""
+        results = await asyncio.get_running_loop().run_in_executor(self._worker, self.run_batch, batch)
+        for job, result in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(result)
 
     def run_batch(self, batch: list[Job]) -> list[Completion]:
         """Route every job in one gate pass, then one ``generate`` call per sampling key (worker thread)."""

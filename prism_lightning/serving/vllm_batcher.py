@@ -74,23 +74,14 @@ class VllmBatcher(MicroBatcher):
         if self.engine is not None:
             self.engine.shutdown()
 
-    async def _loop(self) -> None:
+    async def _dispatch(self, batch: list[Job]) -> None:
+        """Route a collected batch on the worker thread, then start each job's generation in vLLM."""
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [j for j in await self._collect() if not j.future.done()]  # a client that left is not run
-            if not batch:
-                continue
-            try:
-                routes = await loop.run_in_executor(self._worker, self.route_batch, batch)
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the server goes on
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            for job, (name, route) in zip(batch, routes):
-                task = loop.create_task(self._generate(job, name, route))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+        routes = await loop.run_in_executor(self._worker, self.route_batch, batch)
+        for job, (name, route) in zip(batch, routes):
+            task = loop.create_task(self._generate(job, name, route))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     def route_batch(self, batch: list[Job]) -> list[tuple[str, dict]]:
         """The gate on every job of a collected batch (worker thread): adapter name and reported route per job."""

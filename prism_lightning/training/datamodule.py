@@ -169,8 +169,11 @@ class BootstrapDataModule(L.LightningDataModule):
             refuses).
         adapters: K-way PRISM: adapter name -> the contexts it distils (each context in one); the gate learns none
             vs which adapter. Empty (default): one adapter for every context, binary PRISM.
-        engine: what runs the base model's forwards of stages 1–3 and of the teacher cache: ``hf`` (transformers)
-            or ``vllm`` (one process; in the environment scripts/install-vllm.sh builds). Training stays on HF.
+        engine: what generates in stages 1 and 2: ``hf`` (transformers) or ``vllm`` (one process; in the
+            environment scripts/install-vllm.sh builds). Training always runs on transformers.
+        scoring_engine: what computes the judge's log-probs (stage 3) and the teacher cache: ``hf`` or ``vllm``;
+            unset = ``engine``. vLLM 0.32 on CPU scores slower than HF (it computes the log-probs of every prompt
+            position): ``engine: vllm`` with ``scoring_engine: hf`` is the fast pair there (README, vLLM engine).
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), personas: PersonaConfig = PersonaConfig(),
@@ -182,7 +185,8 @@ class BootstrapDataModule(L.LightningDataModule):
                  predict_file: Optional[InputFile] = None, benchmark: BenchmarkConfig = BenchmarkConfig(),
                  teacher_text: TeacherText = "corpus", teacher: TeacherMode = "online",
                  teacher_top_k: int = 64, adapters: Optional[dict[str, list[str]]] = None,
-                 engine: Literal["hf", "vllm"] = "hf") -> None:
+                 engine: Literal["hf", "vllm"] = "hf",
+                 scoring_engine: Optional[Literal["hf", "vllm"]] = None) -> None:
         super().__init__()
         self.backbone_config = backbone
         self.persona_config, self.query_config, self.answer_config = personas, queries, answers
@@ -198,6 +202,7 @@ class BootstrapDataModule(L.LightningDataModule):
         self.teacher_texts: dict[str, str] = {}
         self.adapters = dict(adapters or {})
         self.engine = engine
+        self.scoring_engine = scoring_engine or engine
         check_data(self, benchmark)
         self.adapter_of = adapter_of(self.adapters, PersonaRegistry.from_config(personas).names)
         self.benchmark: Optional[BenchmarkRun] = None
@@ -219,7 +224,7 @@ class BootstrapDataModule(L.LightningDataModule):
         """Run or resume stages 1–3 (only the stages whose inputs changed do any work); every rank calls it."""
         builder = CorpusBuilder(self.backbone_config, self.persona_config, self.query_config, self.answer_config,
                                 self.judge_config, self.placement, self.resolve_corpus_dir(root), self.label_config,
-                                self.engine)
+                                self.engine, self.scoring_engine)
         self.corpus = builder.build()
         return self.corpus
 
@@ -270,7 +275,7 @@ class BootstrapDataModule(L.LightningDataModule):
                                       f"(finished ones are reused)")
         backbone = load_backbone(self.backbone_config)
         engine = None
-        if self.engine == "vllm":
+        if self.scoring_engine == "vllm":
             require_one_process(Shard.current().world)
             engine = VllmEngine(backbone, self.backbone_config, values="logits", max_logprobs=self.teacher_top_k)
         try:
