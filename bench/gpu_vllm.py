@@ -42,8 +42,7 @@ def model_directory(root: Path) -> Path:
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.chat_template = load_chat_template("llama-3.1")
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         torch_dtype="bfloat16", **SHAPE)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPE)
     root.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(root)
     tokenizer.save_pretrained(root)
@@ -97,9 +96,16 @@ def run_hf(directory: Path, prompts: list[list[int]], sequences: list[list[int]]
             torch.log_softmax(model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits.float(), -1)[
                 ..., columns]
 
+    @torch.no_grad()
+    def warm_up():
+        ids, mask = left_pad(prompts[:args.batch], pad, torch.device("cuda"))
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+
+    warm_up()
     out = {}
     for name, fn in (("generation", generate), ("teacher", teacher), ("judge", judge)):
-        fn() if name != "generation" else None  # warm-up (generation warms up in its own first batch)
+        if name != "generation":
+            fn()  # warm-up: these shapes' kernels
         out[name] = timed(fn)[0]
     del model
     gc.collect()

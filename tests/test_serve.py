@@ -224,6 +224,31 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_output(server, 
         assert got[i].model_extra["prism"]["route"] == expected["route"]
 
 
+def test_the_gate_only_model_of_a_vllm_server_routes_as_the_whole_model(export):
+    """`prism serve --engine vllm` keeps only layer 0 of the HF copy: the same gate probabilities and routes as the
+    whole model, and generating with it is refused (in a subprocess: the cut model is the process's backbone)."""
+    script = f"""
+import torch
+from prism_lightning.inference.gated_model import GatedModel
+from prism_lightning.utils.errors import PrismError
+model = GatedModel.from_pretrained({str(export)!r}, device="cpu")
+prompts = [model.prompt_ids(p) for p in {PROMPTS!r}]
+before = model.routes(prompts)
+whole = sum(1 for _ in model.model.get_base_model().get_decoder().layers)
+model.keep_gate_only()
+after = model.routes(prompts)
+assert before[0] == after[0] and torch.equal(before[1], after[1]), (before, after)
+assert whole == 3 and len(model.model.get_base_model().get_decoder().layers) == 1
+try:
+    model.generate(["hi"])
+except PrismError as exc:
+    print("refused:", exc)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refused: this GatedModel keeps only the gate's layers" in out.stdout
+
+
 # --------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("body, status, param", [
     (b'{"model": "prism", "messages": [', 400, None),

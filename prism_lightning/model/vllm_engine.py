@@ -102,7 +102,6 @@ class VllmEngine:
                                     use_tqdm=False)
         return [result_of(o.outputs[0], self.eos) for o in outputs]
 
-
     def _score(self, prompts: Sequence[Sequence[int]], **sampling: Any) -> list[Any]:
         """One request per prompt that generates a single greedy token and returns the asked log-probs."""
         from vllm import SamplingParams
