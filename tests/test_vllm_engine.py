@@ -141,11 +141,13 @@ def test_quickstart_bootstrap_and_teacher_cache_on_vllm_keep_the_schema_and_name
     labels_hf = [(i["id"], i["label"]) for i in map(json.loads, (corpus / "corpus.jsonl").read_text().splitlines())]
     assert labels_hf == labels_vllm
     assert json.loads((corpus / "manifest.json").read_text())["scoring_engine"] == "hf"
-    # Training on the vLLM corpus with the teacher cache built by vLLM (then the engine is closed and HF trains).
-    fit = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "fit", "--config",
-                          str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), "--data.engine", "vllm",
-                          "--data.teacher", "cached", "--trainer.max_steps", "2", "--trainer.callbacks.init_args.n",
-                          "8", "--trainer.default_root_dir", str(tmp_path / "vllm")],
+    # The README's `prism fit` line (vLLM corpus, teacher cache built by vLLM, then HF trains), on the overlay for
+    # 2 steps, its root moved under tmp_path (a later --trainer.default_root_dir wins).
+    fit_args = readme_vllm_args("fit")
+    fit_args[fit_args.index("configs/quickstart.yaml")] = str(ROOT / "configs" / "quickstart.yaml")
+    fit = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "fit", *fit_args, "--config", str(overlay),
+                          "--trainer.max_steps", "2", "--trainer.callbacks.init_args.n", "8",
+                          "--trainer.default_root_dir", str(tmp_path / "vllm")],
                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "Loading safetensors checkpoint shards" in fit.stdout + fit.stderr  # the cache ran on vLLM
@@ -157,6 +159,13 @@ def test_quickstart_bootstrap_and_teacher_cache_on_vllm_keep_the_schema_and_name
     check_readme_serve_command(tmp_path / "vllm" / "export")
 
 
+def readme_vllm_args(command: str) -> list[str]:
+    """The arguments of the `.venv-vllm/bin/prism <command>` line of the README's vLLM section, as written."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## The vLLM engine", 1)[1].split("\n## ", 1)[0]
+    words = next(line.split() for line in section.splitlines() if line.startswith(f".venv-vllm/bin/prism {command} "))
+    return words[2:]
+
+
 def check_readme_serve_command(export: Path) -> None:
     """The README's `prism serve --engine vllm` line on a trained export of the embedded model: each reply equals
     GatedModel's on the route the gate took (the same text, route and probability)."""
@@ -164,10 +173,7 @@ def check_readme_serve_command(export: Path) -> None:
 
     from prism_lightning.inference.gated_model import GatedModel
 
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split("## The vLLM engine", 1)[1].split("\n## ", 1)[0]
-    line = next(w for w in section.splitlines() if " prism serve " in f" {w} ".replace("/prism ", " prism "))
-    words = line.split()
-    args = words[words.index("serve") + 1:]
+    args = readme_vllm_args("serve")
     del args[args.index("--export"):args.index("--export") + 2]
     server = Server(export, *args)
     try:

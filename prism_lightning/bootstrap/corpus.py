@@ -158,13 +158,14 @@ class CorpusBuilder:
             # Protocol, margin and min_choice_mass only relabel stored log-probs: they do not invalidate the scores.
             # The stored log-probs are those of the choices' token sequences, so the sequences are part of the hash;
             # so are the controls (two kinds, the quality ones made by degrade.py's generators).
-            # The generation engine is in h_answers; a judge on another engine than that is named here.
+            # A judge on vLLM is named here (the generation engine is in h_answers already): HF-judged files, those
+            # of corpora generated on vLLM included, keep their names.
             hashes["judge" if k == 0 else f"judge_{kind}"] = stable_hash(
                 h_answers, judge_backbone.fingerprint, template_fingerprint(judge_backbone.tokenizer), kind,
                 verdict_sequences(judge_backbone.tokenizer, kind), self.judge.max_answer_tokens,
                 self.judge.control_pairs, ["relevance", "quality", degrade.VERSION, "cross_source",
                                            source_bias.VERSION],
-                *([{"engine": self.scoring_engine}] if self.scoring_engine != self.engine else []))
+                *([{"engine": self.scoring_engine}] if self.scoring_engine != "hf" else []))
         return hashes
 
     def build(self) -> Corpus:
