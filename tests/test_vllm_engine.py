@@ -35,15 +35,16 @@ PROMPTS = ["What is the capital of France?", "Write a short poem about the ocean
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the refusal where vLLM is missing")
-def test_the_vllm_engine_without_vllm_is_one_line(tmp_path):
+@pytest.mark.parametrize("setting", ["data.engine", "data.scoring_engine"])
+def test_the_vllm_engine_without_vllm_is_one_line(tmp_path, setting):
     out = subprocess.run([sys.executable, "-m", "prism_lightning.cli", "bootstrap", "--config",
-                          str(ROOT / "configs" / "quickstart.yaml"), "--data.engine", "vllm",
+                          str(ROOT / "configs" / "quickstart.yaml"), f"--{setting}", "vllm",
                           "--trainer.default_root_dir", str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()
     assert len([line for line in last if line.startswith("error:")]) == 1
-    assert last[-1] == ("error: data.engine: vllm is not installed in this environment; scripts/install-vllm.sh "
+    assert last[-1] == (f"error: {setting}: vllm is not installed in this environment; scripts/install-vllm.sh "
                         "builds an environment with it (.venv-vllm)")
     assert not (tmp_path / "run" / "corpus" / "stages").exists() or not any(
         (tmp_path / "run" / "corpus" / "stages").iterdir())
