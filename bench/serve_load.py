@@ -194,7 +194,7 @@ def main() -> None:
     export = args.export or untrained_export(Path(tempfile.gettempdir()) / "prism-serve-bench-export")
     requests = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
     engines = {engine: measure(engine, export, requests, args) for engine in args.engines}
-    texts = {e: [sorted(t for r in m["rounds"] for x in r.values() for t in x["texts"])] for e, m in engines.items()}
+    texts = {e: sorted(t for r in m["rounds"] for x in r.values() for t in x["texts"]) for e, m in engines.items()}
     payload: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     if len(engines) == 1:
         only = next(iter(engines.values()))

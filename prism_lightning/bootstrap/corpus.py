@@ -32,7 +32,7 @@ from prism_lightning.contexts.personas import PersonaConfig, PersonaRegistry
 from prism_lightning.distributed.sharding import Shard, ShardedSink
 from prism_lightning.model.backbone import Backbone, BackboneConfig, load_backbone, release_backbone
 from prism_lightning.model.chat import ChatFormatter, Placement, template_fingerprint
-from prism_lightning.model.vllm_engine import VllmEngine, require_one_process, require_vllm
+from prism_lightning.model.vllm_engine import VllmEngine, check_vllm_settings
 from prism_lightning.utils.errors import PrismError
 from prism_lightning.utils.jsonl import read_jsonl_numbered, read_text, write_json, write_jsonl
 
@@ -175,9 +175,7 @@ class CorpusBuilder:
         file (see ``sharding``), rank 0 merges them and writes the corpus, and all ranks return the same corpus.
         """
         shard = Shard.current()
-        if "vllm" in (self.engine, self.scoring_engine):  # before any stage runs, not when vLLM is first needed
-            require_vllm("data.engine" if self.engine == "vllm" else "data.scoring_engine")
-            require_one_process(shard.world)
+        check_vllm_settings(self.engine, self.scoring_engine, shard.world)  # before any stage runs
         backbone = load_backbone(self.backbone_config)
         judge_backbone = load_backbone(self.judge.model) if self.judge.model else backbone
         Judge(judge_backbone, self.judge)  # a judge that cannot read verdicts fails now, not after stages 1-2

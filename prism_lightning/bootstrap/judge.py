@@ -12,7 +12,7 @@ from prism_lightning.distributed.sharding import run_stage, stage_progress, todo
 from prism_lightning.model.backbone import Backbone
 from prism_lightning.model.chat import ChatFormatter
 from prism_lightning.model.choices import ChoiceReader, require_direct_answer
-from prism_lightning.model.generation import batch_groups, continuation_logprob, token_logprobs
+from prism_lightning.model.generation import append_grouped, continuation_logprob, token_logprobs
 from prism_lightning.utils.jsonl import JsonlSink
 
 if TYPE_CHECKING:
@@ -83,11 +83,7 @@ class Judge:
                 return
             per_call = self.engine.batches_per_call if self.engine is not None else 1
             with stage_progress(sum(map(len, batches)), description, sink) as advance:
-                for group in batch_groups(batches, per_call):
-                    records = iter(score([item for batch in group for item in batch]))
-                    for batch in group:
-                        sink.append([next(records) for _ in batch])
-                        advance(len(batch))
+                append_grouped(batches, per_call, score, sink, advance)
 
         run_stage(work, items, self.config.batch_size, sink)
 

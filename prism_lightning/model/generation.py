@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -210,21 +210,25 @@ def generate_into(backbone: Backbone, items: Sequence[dict], decoding: DecodingC
     run_stage(work, items, decoding.batch_size, sink)
 
 
-def batch_groups(batches: list[list[dict]], per_call: int) -> Iterator[list[list[dict]]]:
-    """Consecutive groups of ``per_call`` planned batches: what one engine call takes (each batch still appended
-    on its own, so a resumed run sees the same batches)."""
+def append_grouped(batches: list[list[dict]], per_call: int, score: Callable[[list[dict]], list[dict]],
+                   sink: JsonlSink, advance: Callable[[int], None]) -> None:
+    """``score`` the planned batches ``per_call`` at a time (what one engine call takes), then append each batch's
+    records on its own, as one batch per call would: a resumed run sees the same batches."""
     for start in range(0, len(batches), per_call):
-        yield batches[start:start + per_call]
+        group = batches[start:start + per_call]
+        records = iter(score([item for batch in group for item in batch]))
+        for batch in group:
+            sink.append([next(records) for _ in batch])
+            advance(len(batch))
 
 
 def run_on_engine(engine: Engine, batches: list[list[dict]], decoding: DecodingConfig, sink: JsonlSink,
                   make_record: Callable[[dict, dict], dict], advance: Callable[[int], None]) -> None:
     """The planned batches on another engine, several per call; each item seeded from its own id (its text does
     not depend on its batch-mates), each batch appended as it would be on the HF path."""
-    for group in batch_groups(batches, engine.batches_per_call):
-        flat = [item for batch in group for item in batch]
-        results = iter(engine.generate([i["prompt_ids"] for i in flat], decoding,
-                                       [decoding.seed + zlib.crc32(i["id"].encode()) for i in flat]))
-        for batch in group:
-            sink.append([make_record(item, next(results)) for item in batch])
-            advance(len(batch))
+    def score(flat: list[dict]) -> list[dict]:
+        results = engine.generate([i["prompt_ids"] for i in flat], decoding,
+                                  [decoding.seed + zlib.crc32(i["id"].encode()) for i in flat])
+        return [make_record(item, result) for item, result in zip(flat, results)]
+
+    append_grouped(batches, engine.batches_per_call, score, sink, advance)

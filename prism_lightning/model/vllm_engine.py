@@ -24,8 +24,12 @@ def require_vllm(key: str) -> None:
         raise PrismError(f"{key}: vllm is not installed in this environment; {INSTALL}") from None
 
 
-def require_one_process(world: int) -> None:
-    """vLLM schedules every prompt itself in one process: a launch with several ranks is refused in one line."""
+def check_vllm_settings(engine: str, scoring_engine: str, world: int) -> None:
+    """When ``data.engine`` or ``data.scoring_engine`` asks for vLLM: it is installed (the line names the setting
+    that asked) and this is one process (vLLM schedules every prompt itself; several ranks are refused)."""
+    if "vllm" not in (engine, scoring_engine):
+        return
+    require_vllm("data.engine" if engine == "vllm" else "data.scoring_engine")
     if world > 1:
         raise PrismError("data.engine / data.scoring_engine: vllm runs in one process (vLLM schedules the prompts "
                          "itself); launch without torchrun/srun, or use hf")

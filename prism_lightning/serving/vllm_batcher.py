@@ -14,7 +14,7 @@ from prism_lightning.inference.export import adapter_dir
 from prism_lightning.inference.gated_model import GatedModel
 from prism_lightning.model.generation import stop_token_ids
 from prism_lightning.model.row_routing import BASE
-from prism_lightning.model.vllm_engine import engine_arguments, require_vllm
+from prism_lightning.model.vllm_engine import engine_arguments
 from prism_lightning.serving.batcher import Completion, Job, MicroBatcher
 from prism_lightning.utils.errors import PrismError
 
@@ -41,7 +41,6 @@ class VllmBatcher(MicroBatcher):
 
     def __init__(self, model: GatedModel, export: Path, max_batch: int = 16, max_wait_ms: float = 10.0,
                  kv_cache_gib: float = 2.0) -> None:
-        require_vllm("engine")
         super().__init__(model, max_batch, max_wait_ms)
         from vllm.lora.request import LoRARequest
 

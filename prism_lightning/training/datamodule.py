@@ -23,7 +23,7 @@ from prism_lightning.model.chat import ChatFormatter, Placement
 from prism_lightning.model.gate_mlp import soft_targets
 from prism_lightning.model.generation import right_pad
 from prism_lightning.model.prefix_states import shared_prefix_len
-from prism_lightning.model.vllm_engine import VllmEngine, require_one_process, require_vllm
+from prism_lightning.model.vllm_engine import VllmEngine, check_vllm_settings
 from prism_lightning.training.sampling import BalancedSampler, ResumableLoader, ShuffledSampler
 from prism_lightning.training.teacher_cache import TeacherCache, TeacherMode, build_teacher_cache, item_key
 from prism_lightning.training.teacher_text import TeacherText, teacher_placements, teacher_texts
@@ -276,8 +276,7 @@ class BootstrapDataModule(L.LightningDataModule):
         backbone = load_backbone(self.backbone_config)
         engine = None
         if self.scoring_engine == "vllm":
-            require_vllm("data.engine" if self.engine == "vllm" else "data.scoring_engine")
-            require_one_process(Shard.current().world)
+            check_vllm_settings(self.engine, self.scoring_engine, Shard.current().world)
             engine = VllmEngine(backbone, self.backbone_config, values="logits", max_logprobs=self.teacher_top_k)
         try:
             return build_teacher_cache(backbone, encoded, self.teacher_top_k, self.resolve_corpus_dir(),

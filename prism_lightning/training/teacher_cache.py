@@ -23,7 +23,7 @@ import torch
 
 from prism_lightning.distributed.sharding import ShardedSink, run_stage, stage_progress, todo_batches
 from prism_lightning.model.backbone import Backbone
-from prism_lightning.model.generation import batch_groups, right_pad
+from prism_lightning.model.generation import append_grouped, right_pad
 from prism_lightning.model.lm_head import decoder_hidden, head_logits
 from prism_lightning.model.vllm_engine import VllmEngine
 from prism_lightning.utils.errors import PrismError
@@ -93,15 +93,11 @@ def build_teacher_cache(backbone: Backbone, encoded: Sequence[dict], top_k: int,
         batches = todo_batches([item for item in items if item["id"] not in sink], batch_size, sink)
         with stage_progress(sum(len(b) for b in batches), "teacher cache", sink) as advance:
             if engine is not None:
-                for group in batch_groups(batches, engine.batches_per_call):
-                    records = iter(engine_records(engine, [item for batch in group for item in batch], top_k))
-                    for batch in group:
-                        sink.append([next(records) for _ in batch])
-                        advance(len(batch))
-                return
-            for batch in batches:
-                sink.append(teacher_records(model, pad, backbone.device, batch, top_k))
-                advance(len(batch))
+                append_grouped(batches, engine.batches_per_call, lambda items: engine_records(engine, items, top_k),
+                               sink, advance)
+            else:
+                append_grouped(batches, 1, lambda batch: teacher_records(model, pad, backbone.device, batch, top_k),
+                               sink, advance)
 
     run_stage(work, items, batch_size, sink)
     return TeacherCache(path, {item["id"]: sink.get(item["id"]) for item in items})
